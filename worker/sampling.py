@@ -34,6 +34,14 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
+def _temperature(p: SamplingParams) -> float:
+    return 1.0 if p.temperature is None else p.temperature
+
+
+def _top_p(p: SamplingParams) -> float:
+    return 1.0 if p.top_p is None else p.top_p
+
+
 def _needs_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
@@ -65,10 +73,10 @@ def _apply_row_adjustments(logits: torch.Tensor, rows: list[RowState]) -> None:
 def _filter(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p for rows that sample (all rows of ``logits``)."""
     device = logits.device
-    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=device)
+    temps = torch.tensor([_temperature(r.params) for r in rows], dtype=logits.dtype, device=device)
     logits = logits / temps.unsqueeze(1)
     top_k = [r.params.top_k for r in rows]
-    top_p = [r.params.top_p for r in rows]
+    top_p = [_top_p(r.params) for r in rows]
     min_p = [r.params.min_p for r in rows]
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -97,7 +105,7 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[list[int], list[
     _apply_row_adjustments(logits, rows)
 
     chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0.0 or r.params.top_k == 1]
+    greedy = [i for i, r in enumerate(rows) if _temperature(r.params) == 0.0 or r.params.top_k == 1]
     sampled = [i for i in range(len(rows)) if i not in set(greedy)]
     if greedy:
         chosen[greedy] = logits[greedy].argmax(dim=-1)

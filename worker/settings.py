@@ -24,6 +24,9 @@ OPTIONS: list[Option] = [
     Option("--max-batch-size", config.int_in(1, 4096), 32, "most sequences generated at once"),
     Option("--kv-cache-memory", config.float_in(0.01), 4.0, "KV cache budget in GiB"),
     Option("--kv-cache-tokens", config.int_in(0), 0, "KV cache budget in tokens (0: from --kv-cache-memory)"),
+    Option("--default-temperature", config.float_in(0.0, 2.0), None,
+           "temperature for requests that set none (default: 1.0, as OpenAI)"),
+    Option("--default-top-p", config.float_in(0.0, 1.0), None, "top_p for requests that set none (default: 1.0)"),
     Option("--poll-delay", config.float_in(0.0, 5.0), 0.01, "seconds between queue polls when idle"),
     Option("--job-timeout", config.float_in(1.0), 600.0, "longest a single request may generate, seconds"),
     Option("--cache-dir", config.text, DEFAULT_CACHE_DIR, "where converted GGUF models are kept"),
@@ -51,6 +54,8 @@ class WorkerSettings:
     max_batch_size: int
     kv_cache_memory: float
     kv_cache_tokens: int
+    default_temperature: float | None
+    default_top_p: float | None
     poll_delay: float
     job_timeout: float
     cache_dir: str

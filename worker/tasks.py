@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from tokenrelay import wire
@@ -34,17 +35,20 @@ class Runtime:
     """What every job of this worker shares.
 
     Keyword-only arguments: engine, tokenizer, redis (an ArqRedis), worker_id, context_length,
-    max_request_tokens.
+    max_request_tokens, default_temperature and default_top_p (for requests that set none).
     """
 
     def __init__(self, *, engine: Engine, tokenizer: Any, redis: Any, worker_id: str, context_length: int,
-                 max_request_tokens: int) -> None:
+                 max_request_tokens: int, default_temperature: float | None = None,
+                 default_top_p: float | None = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.redis = redis
         self.worker_id = worker_id
         self.context_length = context_length
         self.max_request_tokens = max_request_tokens
+        self.default_temperature = default_temperature
+        self.default_top_p = default_top_p
         self.cancelled: set[str] = set()
         self._token_text: dict[int, str] = {}
 
@@ -96,10 +100,15 @@ class Runtime:
             raise InvalidRequest(
                 f"This request needs {rows} sequences (prompts x n) but a worker runs at most "
                 f"{self.engine.max_batch_size} at once.", param="n")
+        params = job.sampling
+        if params.temperature is None:
+            params = replace(params, temperature=self.default_temperature)
+        if params.top_p is None:
+            params = replace(params, top_p=self.default_top_p)
         await out.send(wire.started_event, worker_id=self.worker_id, prompt_tokens=prompts.token_count)
         completion_tokens = 0
         echo_pending = set(range(rows)) if job.echo else set()
-        async for outputs in self.engine.generate(job.request_id, prompts.ids, n=job.n, params=job.sampling,
+        async for outputs in self.engine.generate(job.request_id, prompts.ids, n=job.n, params=params,
                                                   max_tokens=prompts.max_tokens):
             choices = []
             for o in outputs:

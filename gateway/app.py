@@ -1,0 +1,115 @@
+"""The ASGI app: routes, error handlers, the Redis pool's lifetime, request ids and body limits."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from arq.connections import ArqRedis
+from redis.asyncio import ConnectionPool
+from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import EXCEPTION_HANDLERS, OpenAIError, as_openai_error, error_response
+from gateway.registry import Registry
+from gateway.relay import Relay
+from gateway.routes import ROUTES, Gateway
+from gateway.settings import GatewaySettings
+from tokenrelay import wire
+
+# Each open request holds one pooled connection for its subscription; the pool must outgrow the
+# number of requests in flight, or the next one fails with "Too many connections".
+MAX_REDIS_CONNECTIONS = 1000
+_CLIENT_REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
+
+
+def create_app(settings: GatewaySettings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Not arq's create_pool: it PINGs (and retries for seconds) at startup, but the gateway
+        # must start without Redis so /health answers and /ready can report it.
+        pool = ConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=MAX_REDIS_CONNECTIONS,
+            socket_connect_timeout=3,
+            socket_timeout=5,
+        )
+        redis = ArqRedis(pool, job_serializer=wire.serialize_job, job_deserializer=wire.deserialize_job)
+        relay = Relay(redis, settings.queue_timeout)
+        app.state.gateway = Gateway(settings, redis, Registry(redis), relay)
+        try:
+            yield
+        finally:
+            await relay.drain(timeout=3)
+            await redis.aclose()
+            await pool.disconnect()
+
+    return Starlette(
+        routes=ROUTES,
+        middleware=[Middleware(RequestEnvelope, max_request_bytes=settings.max_request_bytes)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+
+
+class RequestEnvelope:
+    """Pure ASGI middleware (BaseHTTPMiddleware would buffer streams and hide disconnects).
+
+    * ``x-request-id`` on every response: the completion id when a completion handler set
+      ``request.state.request_id``, else the client's own id when sane, else a fresh one;
+    * bodies over ``max_request_bytes`` → 413, by Content-Length or by counting chunks;
+    * unexpected exceptions → 500 envelope here, so that response gets its request id too.
+    """
+
+    def __init__(self, app: ASGIApp, max_request_bytes: int) -> None:
+        self.app = app
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        state: dict[str, Any] = scope.setdefault("state", {})
+        client_id = headers.get("x-request-id", "")
+        fallback = client_id if _CLIENT_REQUEST_ID.match(client_id) else uuid.uuid4().hex
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                response_headers = MutableHeaders(scope=message)
+                if "x-request-id" not in response_headers:
+                    response_headers["x-request-id"] = str(state.get("request_id") or fallback)
+            await send(message)
+
+        limit = self.max_request_bytes
+        too_large = OpenAIError(413, f"The request body is larger than the limit of {limit} bytes.",
+                                code="request_too_large")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await error_response(too_large)(scope, receive, send_with_id)
+            return
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large
+            return message
+
+        try:
+            await self.app(scope, receive_limited, send_with_id)
+        except Exception as exc:
+            if started:
+                raise
+            await error_response(as_openai_error(exc))(scope, receive, send_with_id)

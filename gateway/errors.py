@@ -1,0 +1,133 @@
+"""The gateway's one exception type and the one place that turns errors into OpenAI's envelope.
+
+Every error response, whatever raised it, has the body
+``{"error": {"message", "type", "param", "code"}}``: the openai SDK reads those four fields to
+build its exception, and frameworks built on it match on ``code``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger(__name__)
+
+
+class OpenAIError(Exception):
+    """An error answered to the client: HTTP status plus OpenAI's error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def __repr__(self) -> str:
+        return f"OpenAIError({self.status}, {self.message!r}, type={self.type!r}, code={self.code!r})"
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, "invalid_request_error", param, code)
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
+
+
+def server_error(status: int, message: str, code: str) -> OpenAIError:
+    return OpenAIError(status, message, "server_error", None, code)
+
+
+def redis_unavailable() -> OpenAIError:
+    message = "The request queue (Redis) is not reachable; try again later."
+    return server_error(503, message, "redis_unavailable")
+
+
+def from_error_event(event: Mapping[str, Any]) -> OpenAIError:
+    """A worker's ``error`` event, trusted only as far as its shape checks out."""
+    raw = event.get("error")
+    error: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    status = event.get("status")
+    if not isinstance(status, int) or not 400 <= status <= 599:
+        status = 500
+
+    def text(key: str) -> str | None:
+        value = error.get(key)
+        return value if isinstance(value, str) else None
+
+    return OpenAIError(
+        status,
+        text("message") or "The worker failed to process the request.",
+        text("type") or "server_error",
+        text("param"),
+        text("code"),
+    )
+
+
+def as_openai_error(exc: BaseException) -> OpenAIError:
+    """Any exception as the error the client sees; unexpected ones are logged with traceback."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        log.warning("redis unavailable: %s", exc)
+        return redis_unavailable()
+    log.error("unexpected error", exc_info=exc)
+    return server_error(500, "The server had an error while processing your request.", "internal_error")
+
+
+def error_response(error: OpenAIError) -> Response:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _openai_error_handler(request: Request, exc: Exception) -> Response:
+    return error_response(as_openai_error(exc))
+
+
+async def _http_exception_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = exc.detail
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return error_response(OpenAIError(exc.status_code, message, kind, headers=exc.headers))
+
+
+# Registered on the Starlette app. ``Exception`` is a last resort: the request-id middleware
+# already answers unexpected errors itself, so its responses carry the header.
+EXCEPTION_HANDLERS = {
+    OpenAIError: _openai_error_handler,
+    RedisConnectionError: _openai_error_handler,
+    RedisTimeoutError: _openai_error_handler,
+    HTTPException: _http_exception_handler,
+    Exception: _openai_error_handler,
+}

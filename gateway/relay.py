@@ -1,0 +1,249 @@
+"""One request's trip through Redis: subscribe, enqueue, then follow the worker's events.
+
+The order matters: Redis pub/sub drops messages published before SUBSCRIBE, so the gateway waits
+for the subscribe confirmation before the job can reach a worker.
+
+How a request ends when things go wrong, and how fast:
+
+* no worker starts it within ``queue_timeout`` → 503 ``queue_timeout``; a cancel marker makes a
+  worker that picks the job up later drop it (arq also expires the job by then);
+* its worker dies (SIGKILL, lost host) → its registry key expires ``wire.WORKER_TTL_S`` after its
+  last heartbeat, and the gateway checks that key after each ``LIVENESS_INTERVAL_S`` of silence:
+  503 ``worker_lost`` within about WORKER_TTL_S + LIVENESS_INTERVAL_S + FINISH_GRACE_S (~5.3 s);
+* an event goes missing (seq gap, or the arq job finished without ``done``/``error``) → 500
+  ``events_lost``; a partial answer is never passed off as a complete one.
+
+Whenever a request ends other than by the worker's ``done``/``error`` (client gone, timeout, any
+of the above), the worker is told to stop: cancel marker plus a message on ``wire.CANCEL_CHANNEL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from arq.jobs import Job as ArqJob
+from arq.jobs import JobStatus
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.errors import OpenAIError, server_error
+from tokenrelay import wire
+
+log = logging.getLogger(__name__)
+
+LIVENESS_INTERVAL_S = 1.0
+# The worker publishes its last event before its arq function returns; a finished job whose last
+# event we have not read yet gets this long for the message to arrive.
+FINISH_GRACE_S = 0.3
+SUBSCRIBE_TIMEOUT_S = 5.0
+
+Event = dict[str, Any]
+
+# Cleanups run as their own tasks so a cancelled caller cannot interrupt them halfway; the set
+# keeps them referenced until they finish.
+_cleanups: set[asyncio.Task[None]] = set()
+
+
+async def _run_shielded(coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(coro)
+    _cleanups.add(task)
+    task.add_done_callback(_cleanups.discard)
+    await asyncio.shield(task)
+
+
+class Relay:
+    """Starts requests on the workers; one per app, sharing its Redis pool."""
+
+    def __init__(self, redis: Any, queue_timeout: float) -> None:
+        self._redis = redis  # arq.connections.ArqRedis with wire's job (de)serializer
+        self.queue_timeout = queue_timeout
+        self._open: set[EventStream] = set()
+
+    async def open(self, job: wire.Job) -> EventStream:
+        """Subscribe, enqueue, and return the stream of the job's events. Close it when done."""
+        stream = EventStream(self._redis, self._redis.pubsub(), job, self.queue_timeout)
+        self._open.add(stream)
+        stream.on_closed = self._open.discard
+        try:
+            await stream.pubsub.subscribe(wire.events_channel(job.request_id))
+            await _confirm_subscribed(stream.pubsub)
+            stream.enqueued = True  # from here on a worker may hold it: cancel if we give up
+            enqueued = await self._redis.enqueue_job(
+                wire.GENERATE_FUNCTION,
+                job.to_dict(),
+                _job_id=job.request_id,
+                _queue_name=wire.queue_name(job.model),
+                _expires=self.queue_timeout,
+            )
+            if enqueued is None:
+                message = f"Request id {job.request_id} is already in use."
+                raise server_error(500, message, "duplicate_request")
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
+
+    async def drain(self, timeout: float) -> None:
+        """At shutdown, before the pool closes: give the requests uvicorn just cancelled time
+        to tell their workers to stop, so no generation outlives its client."""
+        deadline = time.monotonic() + timeout
+        while (self._open or _cleanups) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._open:
+            log.warning("%d request(s) still open at shutdown", len(self._open))
+
+
+async def _confirm_subscribed(pubsub: Any) -> None:
+    deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
+    while (left := deadline - time.monotonic()) > 0:
+        message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=left)
+        if message is not None and message["type"] == "subscribe":
+            return
+    raise RedisTimeoutError("Redis did not confirm the SUBSCRIBE")
+
+
+async def publish_cancel(redis: Any, request_id: str) -> None:
+    """Tell workers to drop ``request_id``: the marker for one that has not picked it up yet,
+    the message for one generating it now."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(wire.cancel_marker_key(request_id), 1, ex=wire.CANCEL_MARKER_TTL_S)
+        pipe.publish(wire.CANCEL_CHANNEL, request_id)
+        await pipe.execute()
+
+
+class EventStream:
+    """The events of one job, checked: in order, from a live worker, within the deadlines."""
+
+    def __init__(self, redis: Any, pubsub: Any, job: wire.Job, queue_timeout: float) -> None:
+        self.pubsub = pubsub
+        self.request_id = job.request_id
+        self.worker_id: str | None = None
+        self.ended = False  # the worker sent done or error: nothing to cancel
+        self.enqueued = False
+        self._redis = redis
+        self._queue_name = wire.queue_name(job.model)
+        self._queue_deadline = time.monotonic() + queue_timeout
+        self._queue_timeout = queue_timeout
+        self._next_seq = 0
+        self._last_heard = time.monotonic()
+        self._closed = False
+        self.on_closed: Callable[[EventStream], None] = lambda stream: None
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        """Events up to and including ``done`` or ``error``."""
+        if self.ended:
+            raise StopAsyncIteration
+        event = await self.next()
+        assert event is not None  # no timeout given
+        return event
+
+    async def next(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None when ``timeout`` seconds pass without one.
+
+        Raises ``OpenAIError`` when the request cannot end well (see the module doc), and Redis
+        errors as they come.
+        """
+        if self.ended:
+            raise RuntimeError("the event stream already ended")
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            wait = LIVENESS_INTERVAL_S
+            if self.worker_id is None:
+                if now >= self._queue_deadline:
+                    raise server_error(
+                        503,
+                        f"No worker started the request within {self._queue_timeout:g} s: the model's "
+                        "workers are busy or gone. Try again later.",
+                        "queue_timeout",
+                    )
+                wait = min(wait, self._queue_deadline - now)
+            if give_up is not None:
+                if now >= give_up:
+                    return None
+                wait = min(wait, give_up - now)
+            event = await self._receive(wait)
+            if event is not None:
+                return self._accept(event)
+            if self.worker_id is not None and time.monotonic() - self._last_heard >= LIVENESS_INTERVAL_S:
+                problem = await self._liveness_problem()
+                if problem is not None:
+                    event = await self._receive(FINISH_GRACE_S)
+                    if event is not None:
+                        return self._accept(event)
+                    raise problem
+                self._last_heard = time.monotonic()
+
+    async def _receive(self, wait: float) -> Event | None:
+        message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=max(wait, 0.0))
+        if message is None or message.get("type") != "message":
+            return None
+        try:
+            return wire.parse_event(message["data"])
+        except ValueError:
+            log.error("%s: unreadable event %r", self.request_id, message["data"])
+            raise _events_lost("a worker sent an unreadable event") from None
+
+    def _accept(self, event: Event) -> Event:
+        seq, kind = event.get("seq"), event.get("type")
+        if seq != self._next_seq:
+            raise _events_lost(f"expected event {self._next_seq}, got {seq}")
+        if seq == 0 and kind not in ("started", "error"):
+            raise _events_lost(f"the first event was {kind!r}, not 'started'")
+        self._next_seq += 1
+        self._last_heard = time.monotonic()
+        if kind == "started":
+            self.worker_id = str(event.get("worker_id"))
+        elif kind in ("done", "error"):
+            self.ended = True
+        return event
+
+    async def _liveness_problem(self) -> OpenAIError | None:
+        assert self.worker_id is not None
+        if not await self._redis.exists(wire.worker_key(self.worker_id)):
+            log.warning("%s: worker %s is gone", self.request_id, self.worker_id)
+            return server_error(503, "The worker serving this request stopped responding.", "worker_lost")
+        job = ArqJob(self.request_id, self._redis, _queue_name=self._queue_name,
+                     _deserializer=wire.deserialize_job)
+        # not_found: finished with keep_result=0 (arq deletes the job key and keeps no result)
+        if await job.status() in (JobStatus.complete, JobStatus.not_found):
+            log.error("%s: job finished without a final event", self.request_id)
+            return _events_lost("the worker finished without a final event")
+        return None
+
+    async def aclose(self) -> None:
+        """Unsubscribe; tell the worker to stop unless it ended the request. Safe to call twice,
+        and completes even when the caller is being cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        await _run_shielded(self._cleanup())
+
+    async def _cleanup(self) -> None:
+        try:
+            if self.enqueued and not self.ended:
+                log.info("%s: cancelling", self.request_id)
+                await publish_cancel(self._redis, self.request_id)
+        except (RedisError, OSError) as exc:
+            log.warning("%s: could not publish the cancel: %s", self.request_id, exc)
+        with contextlib.suppress(RedisError, OSError):  # the connection is closed below either way
+            await self.pubsub.unsubscribe()
+        try:
+            await self.pubsub.aclose()
+        except (RedisError, OSError) as exc:
+            log.warning("%s: closing the subscription failed: %s", self.request_id, exc)
+        finally:
+            self.on_closed(self)
+
+
+def _events_lost(detail: str) -> OpenAIError:
+    return server_error(500, f"Events of this request were lost ({detail}); the answer would be incomplete.",
+                        "events_lost")

@@ -1,0 +1,187 @@
+"""Worker events → OpenAI response bodies and stream chunks, in OpenAI's exact shapes.
+
+Pure data in, data out: no I/O here, so every shape can be checked without a server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Event = dict[str, Any]
+Kind = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    kind: Kind
+    id: str
+    created: int
+    model: str
+    choice_count: int
+    logprobs: bool  # the client asked for logprobs
+    include_usage: bool = False
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _delta_choices(event: Event) -> list[dict[str, Any]]:
+    choices = event.get("choices")
+    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+
+
+def _logprob_entries(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    entries = choice.get("logprobs")
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """The legacy completions shape; ``offset`` is the characters of text before these tokens."""
+    shape: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for entry in entries:
+        token = str(entry.get("token", ""))
+        shape["tokens"].append(token)
+        shape["token_logprobs"].append(entry.get("logprob"))
+        shape["top_logprobs"].append({str(t.get("token")): t.get("logprob")
+                                      for t in entry.get("top_logprobs") or [] if isinstance(t, dict)})
+        shape["text_offset"].append(offset)
+        offset += len(token)
+    return shape
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    length: int = 0  # characters so far, for completions' text_offset
+    finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Collector:
+    """Gathers a whole request's events into one non-streaming response body."""
+
+    def __init__(self, meta: ResponseMeta) -> None:
+        self.meta = meta
+        self._choices = {i: _Choice() for i in range(meta.choice_count)}
+        self._prompt_tokens = 0
+        self._completion_tokens = 0
+
+    def add(self, event: Event) -> None:
+        kind = event.get("type")
+        if kind == "started":
+            self._prompt_tokens = int(event.get("prompt_tokens") or 0)
+        elif kind == "delta":
+            for delta in _delta_choices(event):
+                choice = self._choices.setdefault(int(delta.get("index", 0)), _Choice())
+                text = str(delta.get("text") or "")
+                choice.text.append(text)
+                choice.length += len(text)
+                choice.logprobs.extend(_logprob_entries(delta))
+                if delta.get("finish_reason"):
+                    choice.finish_reason = str(delta["finish_reason"])
+        elif kind == "done":
+            self._prompt_tokens = int(event.get("prompt_tokens") or self._prompt_tokens)
+            self._completion_tokens = int(event.get("completion_tokens") or 0)
+
+    def body(self) -> dict[str, Any]:
+        meta = self.meta
+        choices = [self._choice(i, c) for i, c in sorted(self._choices.items())]
+        return {
+            "id": meta.id,
+            "object": "chat.completion" if meta.kind == "chat" else "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "system_fingerprint": None,
+            "choices": choices,
+            "usage": _usage(self._prompt_tokens, self._completion_tokens),
+        }
+
+    def _choice(self, index: int, choice: _Choice) -> dict[str, Any]:
+        text = "".join(choice.text)
+        if self.meta.kind == "chat":
+            return {
+                "index": index,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": {"content": choice.logprobs} if self.meta.logprobs else None,
+                "finish_reason": choice.finish_reason,
+            }
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": completion_logprobs(choice.logprobs, 0) if self.meta.logprobs else None,
+            "finish_reason": choice.finish_reason,
+        }
+
+
+class ChunkWriter:
+    """Turns events into stream chunks, one choice per chunk as OpenAI streams them."""
+
+    def __init__(self, meta: ResponseMeta) -> None:
+        self.meta = meta
+        self._lengths: dict[int, int] = {}
+
+    def chunks(self, event: Event) -> list[dict[str, Any]]:
+        kind = event.get("type")
+        if kind == "started" and self.meta.kind == "chat":
+            role = {"role": "assistant", "content": ""}
+            return [self._chat_chunk(i, role, None, None) for i in range(self.meta.choice_count)]
+        if kind == "delta":
+            out: list[dict[str, Any]] = []
+            for delta in _delta_choices(event):
+                out.extend(self._choice_chunks(delta))
+            return out
+        if kind == "done" and self.meta.include_usage:
+            usage = _usage(int(event.get("prompt_tokens") or 0), int(event.get("completion_tokens") or 0))
+            return [self._envelope([], usage)]
+        return []
+
+    def _choice_chunks(self, delta: dict[str, Any]) -> list[dict[str, Any]]:
+        index = int(delta.get("index", 0))
+        text = str(delta.get("text") or "")
+        entries = _logprob_entries(delta)
+        finish = delta.get("finish_reason") or None
+        out = []
+        if text or entries:
+            offset = self._lengths.get(index, 0)
+            self._lengths[index] = offset + len(text)
+            if self.meta.kind == "chat":
+                logprobs = {"content": entries} if self.meta.logprobs else None
+                out.append(self._chat_chunk(index, {"content": text}, logprobs, None))
+            else:
+                logprobs = completion_logprobs(entries, offset) if self.meta.logprobs else None
+                out.append(self._text_chunk(index, text, logprobs, None))
+        if finish:
+            if self.meta.kind == "chat":
+                out.append(self._chat_chunk(index, {}, None, finish))
+            else:
+                out.append(self._text_chunk(index, "", None, finish))
+        return out
+
+    def _chat_chunk(
+        self, index: int, delta: dict[str, Any], logprobs: Any, finish: str | None
+    ) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return self._envelope([choice], None)
+
+    def _text_chunk(self, index: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return self._envelope([choice], None)
+
+    def _envelope(self, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": self.meta.id,
+            "object": "chat.completion.chunk" if self.meta.kind == "chat" else "text_completion",
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if self.meta.include_usage:
+            chunk["usage"] = usage
+        return chunk

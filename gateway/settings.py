@@ -1,0 +1,61 @@
+"""The gateway's settings: flags, their variables, and the typed result."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tokenrelay import config
+from tokenrelay.config import Option
+
+OPTIONS: list[Option] = [
+    config.REDIS_URL,
+    Option("--host", config.text, "127.0.0.1", "address to listen on"),
+    Option("--port", config.int_in(1, 65535), 8000, "port to listen on"),
+    Option(
+        "--queue-timeout",
+        config.float_in(0.1),
+        60.0,
+        "seconds a request may wait for a worker to start it before the gateway answers 503",
+    ),
+    Option(
+        "--stream-keepalive",
+        config.float_in(0.1),
+        15.0,
+        "seconds of silence after which a stream gets a ': ping' comment",
+    ),
+    Option(
+        "--max-request-bytes",
+        config.int_in(1024),
+        8 * 1024 * 1024,
+        "largest request body accepted; bigger ones get 413",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    redis_url: str = config.REDIS_URL.default
+    host: str = "127.0.0.1"
+    port: int = 8000
+    queue_timeout: float = 60.0
+    stream_keepalive: float = 15.0
+    max_request_bytes: int = 8 * 1024 * 1024
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> GatewaySettings:
+        """Build from what ``config.resolve(OPTIONS, ...)`` returns."""
+        return cls(
+            redis_url=str(values["redis_url"]),
+            host=str(values["host"]),
+            port=int(values["port"]),
+            queue_timeout=float(values["queue_timeout"]),
+            stream_keepalive=float(values["stream_keepalive"]),
+            max_request_bytes=int(values["max_request_bytes"]),
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
+        """Variables and defaults only; raises ``config.ConfigError`` on a bad value."""
+        return cls.from_values(config.resolve(OPTIONS, {}, environ))

@@ -1,0 +1,93 @@
+"""Server-sent events: chunk framing, keep-alives, errors inside a started stream, disconnects."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway.errors import as_openai_error, from_error_event
+from gateway.relay import Event, EventStream
+from gateway.responses import ChunkWriter
+
+DONE = b"data: [DONE]\n\n"
+PING = b": ping\n\n"
+
+
+def frame(data: Mapping[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+async def event_frames(
+    stream: EventStream, first: Event, writer: ChunkWriter, keepalive: float
+) -> AsyncIterator[bytes]:
+    """SSE bytes for a stream whose first event (``started``) was already read.
+
+    The 200 status is out by now, so errors become an ``error`` payload the SDK raises as
+    ``APIError``, followed by ``[DONE]`` so clients that wait for it do not hang.
+    """
+    try:
+        event: Event | None = first
+        while True:
+            if event is None:
+                yield PING
+            elif event.get("type") == "error":
+                yield frame(from_error_event(event).body())
+                break
+            else:
+                for chunk in writer.chunks(event):
+                    yield frame(chunk)
+                if event.get("type") == "done":
+                    break
+            event = await stream.next(timeout=keepalive)
+    except Exception as exc:  # cancellation (client gone) is a BaseException and passes
+        yield frame(as_openai_error(exc).body())
+    finally:
+        await stream.aclose()
+    yield DONE
+
+
+class EventStreamResponse(StreamingResponse):
+    """A ``text/event-stream`` response that stops its body as soon as the client leaves.
+
+    Starlette's StreamingResponse only listens for ``http.disconnect`` under ASGI spec < 2.4;
+    this one always does, and always runs ``on_close`` (which cancels the generation), even
+    when the body never started.
+    """
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[], Awaitable[None]],
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
+        )
+        self._content = content
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def respond() -> None:
+                    await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(respond)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        except* OSError:
+            pass  # the client went away mid-write
+        finally:
+            aclose = getattr(self._content, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await self._on_close()

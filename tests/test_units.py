@@ -1,0 +1,118 @@
+"""Small pure pieces: strict config, stop strings, UTF-8-safe detokenization, sampling transforms."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tokenrelay import config
+from tokenrelay.wire import SamplingParams
+from worker.detokenize import IncrementalDetokenizer, StopText
+from worker.sampling import RowState, sample
+from worker.settings import OPTIONS, WorkerSettings, default_served_name
+
+
+@pytest.mark.parametrize("raw,expected", [("0", False), ("false", False), ("off", False), ("1", True), ("yes", True)])
+def test_bool_parsing_is_strict(raw: str, expected: bool) -> None:
+    assert config.parse_bool(raw) is expected
+
+
+def test_bad_values_name_the_flag() -> None:
+    with pytest.raises(config.ConfigError, match="--quantization"):
+        config.resolve(OPTIONS, {"quantization": "9bit"}, {})
+    with pytest.raises(config.ConfigError, match="TOKENRELAY_MAX_BATCH_SIZE"):
+        config.resolve(OPTIONS, {}, {"TOKENRELAY_MAX_BATCH_SIZE": "0"})
+    with pytest.raises(config.ConfigError, match="REDIS_URL"):
+        config.resolve(OPTIONS, {}, {"REDIS_URL": "http://nope"})
+    values = config.resolve(OPTIONS, {"max_batch_size": "3", "model": "m"}, {"TOKENRELAY_MAX_BATCH_SIZE": "9"})
+    assert values["max_batch_size"] == 3  # the flag wins over the variable
+
+
+def test_cli_refuses_a_bad_value_in_one_line() -> None:
+    proc = subprocess.run([sys.executable, "-m", "tokenrelay.cli", "worker", "--model", "x", "--dtype", "float8"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--dtype" in proc.stderr
+
+
+def test_served_name_defaults() -> None:
+    assert default_served_name("/x", "SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct"
+    assert default_served_name("org/model-7b", None) == "org/model-7b"
+    s = WorkerSettings.from_values(config.resolve(OPTIONS, {"model": "org/m"}, {}))
+    assert s.served_model_name == "org/m"
+
+
+def test_stop_text_spanning_deltas() -> None:
+    stop = StopText(["END", "xyz"])
+    assert stop.feed("hello E") == ("hello ", False)
+    assert stop.feed("N") == ("", False)
+    assert stop.feed("Dtail") == ("", True)
+    other = StopText(["END"])
+    assert other.feed("EN") == ("", False)
+    assert other.feed("x") == ("ENx", False)
+    assert other.flush() == ""
+    held = StopText(["END"])
+    assert held.feed("abcE") == ("abc", False)
+    assert held.flush() == "E"
+
+
+def test_detokenizer_never_emits_half_a_character() -> None:
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from tests.models import make_tiny_llama
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = AutoTokenizer.from_pretrained(make_tiny_llama(Path(tmp)))
+    text = "café 東京 🙂 ok"
+    ids = tok(text)["input_ids"]
+    detok = IncrementalDetokenizer(tok, [])
+    pieces = [detok.add(i) for i in ids]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces  # some tokens ended inside a multi-byte character
+
+
+def _row(**kw: object) -> RowState:
+    return RowState(SamplingParams(**kw), None, [], [])  # type: ignore[arg-type]
+
+
+def test_greedy_top_k_top_p_min_p() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4))
+    rows = [_row(temperature=0), _row(top_k=1), _row(top_p=0.5), _row(min_p=0.7)]
+    for _ in range(20):
+        tokens, _ = sample(logits.clone(), rows)
+        assert tokens == [0, 0, 0, 0]
+    rows = [_row(top_p=0.8)] * 4
+    seen = {t for _ in range(200) for t in sample(logits.clone(), rows)[0]}
+    assert seen == {0, 1}
+
+
+def test_penalties_bias_and_seed() -> None:
+    logits = torch.zeros(1, 5)
+    biased, _ = sample(logits.clone(), [_row(temperature=0, logit_bias={3: 5.0})])
+    assert biased == [3]
+    row = RowState(SamplingParams(temperature=0, presence_penalty=2.0), None, [], [0])
+    assert sample(torch.tensor([[1.0, 0.5, 0, 0, 0]]), [row])[0] == [1]
+    row = RowState(SamplingParams(temperature=0, repetition_penalty=3.0), None, [0], [])
+    assert sample(torch.tensor([[1.0, 0.5, 0, 0, 0]]), [row])[0] == [1]
+    draws = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(5)
+        draws.append([sample(torch.zeros(1, 50), [RowState(SamplingParams(), gen, [], [])])[0][0]
+                      for _ in range(10)])
+    assert draws[0] == draws[1]
+
+
+def test_logprobs_are_raw_model_logprobs() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    _, lps = sample(logits.clone(), [_row(temperature=0, logprobs=2)])
+    expected = torch.log_softmax(logits, -1)[0]
+    assert lps[0] is not None
+    assert lps[0].token_id == 0 and lps[0].logprob == pytest.approx(float(expected[0]))
+    assert [t for t, _ in lps[0].top] == [0, 1]
