@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 from tokenrelay.wire import SamplingParams
 from worker.detokenize import IncrementalDetokenizer, StopText
 from worker.kvbatch import KVBatch
-from worker.sampling import RowState, TokenLogprob, sample
+from worker.sampling import Constraint, RowState, TokenLogprob, sample
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class _Sequence:
     detok: IncrementalDetokenizer
     stop: StopText
     generator: torch.Generator | None
+    constraint: Constraint | None = None
     output_ids: list[int] = field(default_factory=list)
 
     def token_ids(self) -> list[int]:
@@ -121,12 +122,19 @@ class Engine:
         self._inbox.put(("cancel", request_id))
 
     async def generate(
-        self, request_id: str, prompts: list[list[int]], *, n: int, params: SamplingParams, max_tokens: list[int]
+        self,
+        request_id: str,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        params: SamplingParams,
+        max_tokens: list[int],
+        constraint: Callable[[], Constraint] | None = None,
     ) -> AsyncIterator[list[ChoiceOutput]]:
         """Generate ``n`` choices per prompt; choice ``i`` of prompt ``p`` has index ``p * n + i``.
 
-        ``max_tokens[p]`` is the resolved limit for prompt ``p``. Leaving the iterator early
-        cancels the request.
+        ``max_tokens[p]`` is the resolved limit for prompt ``p``; ``constraint`` makes one
+        constraint per choice (structured output). Leaving the iterator early cancels the request.
         """
         request = _Request(request_id, asyncio.get_running_loop(), asyncio.Queue(), len(prompts) * n)
         seqs = []
@@ -138,6 +146,7 @@ class Engine:
                 seqs.append(_Sequence(
                     request, p * n + i, list(prompt), params, max_tokens[p],
                     IncrementalDetokenizer(self.tokenizer, prompt), StopText(params.stop), gen,
+                    constraint() if constraint is not None else None,
                 ))
         self._inbox.put(("add", seqs))
         finished = False
@@ -299,6 +308,7 @@ class Engine:
             RowState(
                 s.params, s.generator, s.prompt_ids, s.output_ids,
                 list(self.eos_token_ids) if s.params.ignore_eos or len(s.output_ids) < s.params.min_tokens else [],
+                s.constraint,
             )
             for s in seqs
         ]
@@ -308,6 +318,8 @@ class Engine:
         keep: list[int] = []
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             seq.output_ids.append(token)
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
             finish: str | None = None
             if token in self.eos_token_ids:
                 text, finish = seq.stop.flush(), "stop"

@@ -10,10 +10,21 @@ as vLLM reports by default.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from tokenrelay.wire import SamplingParams
+
+
+class Constraint(Protocol):
+    """Constrained decoding for one sequence (a grammar, a JSON schema, a forced tool call)."""
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Set the logits of the tokens the constraint forbids now to -inf (one row, in place)."""
+
+    def accept(self, token_id: int) -> None:
+        """Advance past the token that was chosen."""
 
 
 @dataclass
@@ -25,6 +36,7 @@ class RowState:
     prompt_ids: list[int]
     output_ids: list[int]
     suppress_ids: list[int] = field(default_factory=list)  # tokens banned this step (EOS)
+    constraint: Constraint | None = None
 
 
 @dataclass
@@ -68,6 +80,8 @@ def _apply_row_adjustments(logits: torch.Tensor, rows: list[RowState]) -> None:
             logits[i, ids[keep]] += bias[keep]
         if row.suppress_ids:
             logits[i, row.suppress_ids] = float("-inf")
+        if row.constraint is not None:
+            row.constraint.mask(logits[i])
 
 
 def _filter(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
