@@ -22,5 +22,13 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (4096-token context) with a byte-level BPE tokenizer and chat template."""
+    from tests.models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", context=4096)
+
+
+@pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")

@@ -16,17 +16,11 @@ import openai
 import pytest
 import redis
 
-from tests.models import make_tiny_llama
 from tests.procs import Proc, start_gateway, start_worker
 from tokenrelay import wire
 
 MODEL = "tiny"
 HELLO = [{"role": "user", "content": "Hello world! How are you today?"}]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", context=4096)
 
 
 @pytest.fixture(scope="module")
