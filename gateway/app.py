@@ -40,7 +40,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             socket_timeout=5,
         )
         redis = ArqRedis(pool, job_serializer=wire.serialize_job, job_deserializer=wire.deserialize_job)
-        relay = Relay(redis, settings.queue_timeout)
+        relay = Relay(redis, settings.queue_timeout, settings.max_queue_length)
         app.state.gateway = Gateway(settings, redis, Registry(redis), relay)
         try:
             yield

@@ -65,6 +65,12 @@ def server_error(status: int, message: str, code: str) -> OpenAIError:
     return OpenAIError(status, message, "server_error", None, code)
 
 
+def queue_full(model: str, waiting: int) -> OpenAIError:
+    message = (f"Too many requests are waiting for model `{model}` ({waiting} queued); "
+               "retry after a short wait.")
+    return OpenAIError(429, message, "rate_limit_error", None, "queue_full", {"retry-after": "1"})
+
+
 def redis_unavailable() -> OpenAIError:
     message = "The request queue (Redis) is not reachable; try again later."
     return server_error(503, message, "redis_unavailable")

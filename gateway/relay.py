@@ -31,7 +31,7 @@ from arq.jobs import JobStatus
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.errors import OpenAIError, server_error
+from gateway.errors import OpenAIError, queue_full, server_error
 from tokenrelay import wire
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,20 @@ async def _run_shielded(coro: Coroutine[Any, Any, None]) -> None:
 class Relay:
     """Starts requests on the workers; one per app, sharing its Redis pool."""
 
-    def __init__(self, redis: Any, queue_timeout: float) -> None:
+    def __init__(self, redis: Any, queue_timeout: float, max_queue_length: int = 0) -> None:
         self._redis = redis  # arq.connections.ArqRedis with wire's job (de)serializer
         self.queue_timeout = queue_timeout
+        self.max_queue_length = max_queue_length
         self._open: set[EventStream] = set()
 
     async def open(self, job: wire.Job) -> EventStream:
         """Subscribe, enqueue, and return the stream of the job's events. Close it when done."""
+        if self.max_queue_length:
+            # Backpressure: a bounded queue answers 429 (the SDKs back off and retry) instead of
+            # letting waits grow without limit. The count includes jobs being generated.
+            waiting = int(await self._redis.zcard(wire.queue_name(job.model)))
+            if waiting >= self.max_queue_length:
+                raise queue_full(job.model, waiting)
         stream = EventStream(self._redis, self._redis.pubsub(), job, self.queue_timeout)
         self._open.add(stream)
         stream.on_closed = self._open.discard

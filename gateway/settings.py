@@ -26,6 +26,12 @@ OPTIONS: list[Option] = [
         "seconds of silence after which a stream gets a ': ping' comment",
     ),
     Option(
+        "--max-queue-length",
+        config.int_in(0),
+        1000,
+        "requests that may wait in one model's queue; more get 429 (0: no limit)",
+    ),
+    Option(
         "--max-request-bytes",
         config.int_in(1024),
         8 * 1024 * 1024,
@@ -41,6 +47,7 @@ class GatewaySettings:
     port: int = 8000
     queue_timeout: float = 60.0
     stream_keepalive: float = 15.0
+    max_queue_length: int = 1000
     max_request_bytes: int = 8 * 1024 * 1024
 
     @classmethod
@@ -52,6 +59,7 @@ class GatewaySettings:
             port=int(values["port"]),
             queue_timeout=float(values["queue_timeout"]),
             stream_keepalive=float(values["stream_keepalive"]),
+            max_queue_length=int(values["max_queue_length"]),
             max_request_bytes=int(values["max_request_bytes"]),
         )
 
