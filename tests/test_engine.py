@@ -113,3 +113,33 @@ def test_mixed_settings_share_a_batch(loaded: tuple[Any, Any]) -> None:
     assert greedy[1] == "length" and seeded[1] == "length"
     assert again == (greedy[0][: greedy[0].find(stop)], "stop")
     assert seeded_alone == seeded
+
+
+def test_prompt_logprobs_match_a_plain_forward(loaded: tuple[Any, Any]) -> None:
+    model, tok = loaded
+    prompt = tok("The quick brown fox")["input_ids"]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id})
+    engine.start()
+
+    async def first_output() -> Any:
+        async for outs in engine.generate("p", [prompt, [7, *prompt]], n=2, max_tokens=[2, 2], prompt_logprobs=True,
+                                          params=SamplingParams(temperature=0, logprobs=2, ignore_eos=True)):
+            return outs
+
+    try:
+        outs = asyncio.run(first_output())
+    finally:
+        engine.stop()
+    assert sorted(o.index for o in outs) == [0, 1, 2, 3]
+    first = next(o for o in outs if o.index == 0)
+    assert first.prompt_logprobs is not None and first.prompt_logprobs[0] is None
+    got = first.prompt_logprobs[1:]
+    assert [lp.token_id for lp in got if lp] == prompt[1:]
+    for j, lp in enumerate(got):
+        assert lp is not None
+        assert lp.logprob == pytest.approx(float(expected[j, prompt[j + 1]]), abs=1e-4)
+        assert lp.top[0][0] == int(expected[j].argmax())
+    other = next(o for o in outs if o.index == 2)
+    assert other.prompt_logprobs is not None and len(other.prompt_logprobs) == len(prompt) + 1

@@ -35,6 +35,9 @@ class ChoiceOutput:
     tokens: int
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # With echo + logprobs: one entry per prompt token (None for the first, which has no context),
+    # sent once, with the choice's first output.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class EngineError(RuntimeError):
@@ -66,6 +69,8 @@ class _Sequence:
     stop: StopText
     generator: torch.Generator | None
     constraint: Constraint | None = None
+    want_prompt_logprobs: bool = False
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     output_ids: list[int] = field(default_factory=list)
 
     def token_ids(self) -> list[int]:
@@ -130,11 +135,14 @@ class Engine:
         params: SamplingParams,
         max_tokens: list[int],
         constraint: Callable[[], Constraint] | None = None,
+        prompt_logprobs: bool = False,
     ) -> AsyncIterator[list[ChoiceOutput]]:
         """Generate ``n`` choices per prompt; choice ``i`` of prompt ``p`` has index ``p * n + i``.
 
         ``max_tokens[p]`` is the resolved limit for prompt ``p``; ``constraint`` makes one
-        constraint per choice (structured output). Leaving the iterator early cancels the request.
+        constraint per choice (structured output); ``prompt_logprobs`` adds the prompt tokens'
+        logprobs (``params.logprobs`` alternatives each) to each choice's first output.
+        Leaving the iterator early cancels the request.
         """
         request = _Request(request_id, asyncio.get_running_loop(), asyncio.Queue(), len(prompts) * n)
         seqs = []
@@ -147,6 +155,7 @@ class Engine:
                     request, p * n + i, list(prompt), params, max_tokens[p],
                     IncrementalDetokenizer(self.tokenizer, prompt), StopText(params.stop), gen,
                     constraint() if constraint is not None else None,
+                    prompt_logprobs,
                 ))
         self._inbox.put(("add", seqs))
         finished = False
@@ -242,17 +251,35 @@ class Engine:
         if admitted:
             self._prefill(admitted)
 
-    def _forward(self, input_ids: torch.Tensor, batch: KVBatch, position_ids: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, input_ids: torch.Tensor, batch: KVBatch, position_ids: torch.Tensor, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Logits of the last position [rows, vocab], or of every position [rows, length, vocab]."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=batch.mask,
             position_ids=position_ids,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if all_logits else 1,
             **{self._cache_kwarg: batch.cache},
         )
-        logits: torch.Tensor = out.logits[:, -1, :]
+        logits: torch.Tensor = out.logits if all_logits else out.logits[:, -1, :]
         return logits
+
+    def _prompt_logprobs(self, seq: _Sequence, logits: torch.Tensor) -> list[TokenLogprob | None]:
+        """``logits`` is this prompt's prefill row [width, vocab], the prompt right-aligned."""
+        ids = seq.prompt_ids
+        start = logits.shape[0] - len(ids)
+        logprobs = torch.log_softmax(logits[start:-1].float(), dim=-1)  # predicts ids[1:]
+        k = seq.params.logprobs or 0
+        out: list[TokenLogprob | None] = [None]
+        for j, token in enumerate(ids[1:]):
+            top: list[tuple[int, float]] = []
+            if k > 0:
+                values, top_ids = torch.topk(logprobs[j], k)
+                top = list(zip(top_ids.tolist(), values.tolist(), strict=True))
+            out.append(TokenLogprob(token, float(logprobs[j, token]), top))
+        return out
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         # Sequences with the same tokens (the n choices of one prompt) share one prefill row.
@@ -270,7 +297,14 @@ class Engine:
         from transformers import DynamicCache
 
         part = KVBatch(DynamicCache(), mask, mask.sum(-1))
-        logits = self._forward(ids, part, position_ids)
+        # Every position's logits only when someone asked for prompt logprobs (echo): it costs
+        # width x vocab floats per row.
+        want = [s for s in seqs if s.want_prompt_logprobs and s.prompt_logprobs is None]
+        logits = self._forward(ids, part, position_ids, all_logits=bool(want))
+        if want:
+            for s in want:
+                s.prompt_logprobs = self._prompt_logprobs(s, logits[unique[tuple(s.token_ids())]])
+            logits = logits[:, -1, :]
         if len(prompts) != len(seqs):
             part.select(row_of)
             logits = logits[torch.tensor(row_of, device=logits.device)]
@@ -331,6 +365,8 @@ class Engine:
                     text, finish = text + seq.stop.flush(), "length"
             lp = logprobs[i]
             out = ChoiceOutput(seq.index, text, 1, finish, [lp] if lp is not None else [])
+            if seq.want_prompt_logprobs and seq.prompt_logprobs is not None:
+                out.prompt_logprobs, seq.want_prompt_logprobs = seq.prompt_logprobs, False
             outputs.setdefault(id(seq.request), []).append(out)
             requests[id(seq.request)] = seq.request
             if finish is None:
