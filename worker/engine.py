@@ -53,9 +53,13 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     outbox: asyncio.Queue[Any]
     unfinished: int
+    dead: bool = False  # its event loop is gone: nobody will read it
 
     def send(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+        except RuntimeError:  # the loop was closed under us; drop the request, keep the engine
+            self.dead = True
 
 
 @dataclass
@@ -180,6 +184,9 @@ class Engine:
                 idle = not self._running and not self._waiting
                 if not self._drain_inbox(block=idle):
                     break
+                dead = {s.request.request_id for s in self._running if s.request.dead}
+                if dead:
+                    self._drop(dead)
                 try:
                     self._admit()
                     if self._running:
