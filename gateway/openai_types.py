@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from gateway.errors import OpenAIError, invalid_request
+from gateway.structured import ResponseFormat, Tool, check_tool_choice, parse_response_format
 from tokenrelay import wire
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,12 @@ class _Request(BaseModel):
     metadata: Any = None
     store: Any = None
     service_tier: Any = None
-    parallel_tool_calls: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: Any = None
     # Declared so refuse_unsupported can look at them; see there.
     best_of: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    response_format: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -122,12 +123,45 @@ class _Request(BaseModel):
             bias[token] = float(amount)
         return bias
 
+    @field_validator("response_format")
+    @classmethod
+    def _check_response_format(cls, value: Any) -> ResponseFormat | None:
+        return parse_response_format(value)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, value: Any) -> Any:
+        return check_tool_choice(value)
+
     @model_validator(mode="after")
     def _check_stream_options(self) -> _Request:
         if self.stream_options is not None and not self.stream:
             raise _invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                            "stream_options")
         return self
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> _Request:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise _invalid("Tool names must be unique.", "tools")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise _invalid("'tool_choice' is only allowed when 'tools' are specified.", "tool_choice")
+        if isinstance(choice, dict) and choice["function"]["name"] not in names:
+            raise _invalid(f"'tool_choice' names the function '{choice['function']['name']}', "
+                           "which is not in 'tools'.", "tool_choice")
+        return self
+
+    def structured(self) -> dict[str, Any]:
+        """The Job fields for tools and response_format."""
+        tools = [t.model_dump(by_alias=True, exclude_none=True) for t in self.tools or []] or None
+        return {
+            "tools": tools,
+            "tool_choice": (self.tool_choice or "auto") if tools else None,
+            "parallel_tool_calls": self.parallel_tool_calls is not False,
+            "response_format": self.response_format.for_job() if self.response_format else None,
+        }
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> wire.SamplingParams:
         return wire.SamplingParams(
@@ -245,6 +279,7 @@ class ChatCompletionRequest(_Request):
             n=self.choices_per_prompt,
             messages=[m.normalised() for m in self.messages],
             sampling=self.sampling(self.max_new_tokens[0], logprobs),
+            **self.structured(),
         )
 
 
@@ -295,6 +330,7 @@ class CompletionRequest(_Request):
             prompts=list(self.prompt),
             echo=bool(self.echo),
             sampling=self.sampling(self.max_new_tokens[0], self.logprobs),
+            response_format=self.response_format.for_job() if self.response_format else None,
         )
 
 
@@ -303,10 +339,11 @@ def refuse_unsupported(request: _Request) -> None:
 
     To support one of these, delete its line here and pass the value on in ``to_job``.
     """
+    completion = isinstance(request, CompletionRequest)
     refusals: list[tuple[str, bool]] = [
-        ("tools", request.tools not in (None, [])),
-        ("tool_choice", request.tool_choice not in (None, "none")),
-        ("response_format", request.response_format not in (None, {"type": "text"})),
+        # Tools need chat turns; completions take a response_format but no tools.
+        ("tools", completion and bool(request.tools)),
+        ("tool_choice", completion and request.tool_choice not in (None, "none")),
         ("functions", request.functions is not None),
         ("function_call", request.function_call is not None),
         ("audio", request.audio is not None),

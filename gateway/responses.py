@@ -41,6 +41,20 @@ def _logprob_entries(choice: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
+def _tool_calls(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """The whole calls a delta completed (see ``wire.choice_delta``), well-formed ones only."""
+    calls = choice.get("tool_calls")
+    if not isinstance(calls, list):
+        return []
+    return [c for c in calls if isinstance(c, dict) and isinstance(c.get("name"), str)
+            and isinstance(c.get("arguments"), str)]
+
+
+def _openai_call(call: dict[str, Any]) -> dict[str, Any]:
+    return {"id": str(call.get("id", "")), "type": "function",
+            "function": {"name": call["name"], "arguments": call["arguments"]}}
+
+
 def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
     """The legacy completions shape; ``offset`` is the characters of text before these tokens."""
     shape: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -61,6 +75,7 @@ class _Choice:
     length: int = 0  # characters so far, for completions' text_offset
     finish_reason: str | None = None
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Collector:
@@ -83,6 +98,7 @@ class Collector:
                 choice.text.append(text)
                 choice.length += len(text)
                 choice.logprobs.extend(_logprob_entries(delta))
+                choice.tool_calls.extend(_openai_call(c) for c in _tool_calls(delta))
                 if delta.get("finish_reason"):
                     choice.finish_reason = str(delta["finish_reason"])
         elif kind == "done":
@@ -105,9 +121,13 @@ class Collector:
     def _choice(self, index: int, choice: _Choice) -> dict[str, Any]:
         text = "".join(choice.text)
         if self.meta.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if choice.tool_calls:
+                # OpenAI's shape for a pure call: no text is null content, not "".
+                message.update(content=text or None, tool_calls=choice.tool_calls)
             return {
                 "index": index,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": {"content": choice.logprobs} if self.meta.logprobs else None,
                 "finish_reason": choice.finish_reason,
             }
@@ -156,12 +176,25 @@ class ChunkWriter:
             else:
                 logprobs = completion_logprobs(entries, offset) if self.meta.logprobs else None
                 out.append(self._text_chunk(index, text, logprobs, None))
+        if self.meta.kind == "chat":
+            for call in _tool_calls(delta):
+                out.extend(self._tool_call_chunks(index, call))
         if finish:
             if self.meta.kind == "chat":
                 out.append(self._chat_chunk(index, {}, None, finish))
             else:
                 out.append(self._text_chunk(index, "", None, finish))
         return out
+
+    def _tool_call_chunks(self, index: int, call: dict[str, Any]) -> list[dict[str, Any]]:
+        """OpenAI streams a call as a header (id, name, empty arguments) then argument pieces,
+        all keyed by the call's index; the SDK's accumulators join them by that index."""
+        k = int(call.get("index", 0))
+        head = {"index": k, "id": str(call.get("id", "")), "type": "function",
+                "function": {"name": call["name"], "arguments": ""}}
+        body = {"index": k, "function": {"arguments": call["arguments"]}}
+        return [self._chat_chunk(index, {"tool_calls": [head]}, None, None),
+                self._chat_chunk(index, {"tool_calls": [body]}, None, None)]
 
     def _chat_chunk(
         self, index: int, delta: dict[str, Any], logprobs: Any, finish: str | None

@@ -122,10 +122,17 @@ CHAT_INVALID = [
     ({"repetition_penalty": 11}, "repetition_penalty"),
     ({"ignore_eos": "no"}, "ignore_eos"),
     ({"min_tokens": -1}, "min_tokens"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]},
+     "tools[0].function.parameters"),
+    ({"tool_choice": "auto"}, "tool_choice"),  # no tools
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {
+        "type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"required": 1}}}},
+     "response_format"),
     # not supported yet: refused by name rather than ignored
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"function_call": "auto"}, "function_call"),
     ({"audio": {"voice": "alloy"}}, "audio"),
@@ -142,6 +149,7 @@ COMPLETION_INVALID = [
     ({"logprobs": True}, "logprobs"),
     ({"echo": "yes"}, "echo"),
     ({"suffix": "end"}, "suffix"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"best_of": 2}, "best_of"),
 ]
 

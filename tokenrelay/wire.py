@@ -109,9 +109,13 @@ class Job:
     messages: list[dict[str, Any]] | None = None
     prompts: list[str | list[int]] | None = None
     echo: bool = False
+    # ``tools`` as OpenAI sends them; ``tool_choice`` is "none" | "auto" | "required" |
+    # ``{"type": "function", "function": {"name": ...}}``; ``response_format`` is None for plain
+    # text, else ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``.
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     sampling: SamplingParams = field(default_factory=SamplingParams)
     version: int = PROTOCOL_VERSION
 
@@ -145,20 +149,29 @@ def choice_delta(
     tokens: int = 0,
     finish_reason: FinishReason | None = None,
     logprobs: list[dict[str, Any]] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One choice's progress: ``text`` is new text, ``tokens`` how many tokens it took.
 
     ``logprobs`` is a list, one entry per token in this delta:
     ``{"token": str, "logprob": float, "bytes": list[int], "top_logprobs": [{"token",
     "logprob", "bytes"}]}``.
+
+    ``tool_calls`` lists the tool calls completed in this delta, each whole (never a fragment):
+    ``{"index": int, "id": str, "name": str, "arguments": str}``, ``index`` counting the
+    choice's calls from 0 and ``arguments`` a JSON text. The key is left out when there are none,
+    so older gateways read the event unchanged.
     """
-    return {
+    delta: dict[str, Any] = {
         "index": index,
         "text": text,
         "tokens": tokens,
         "finish_reason": finish_reason,
         "logprobs": logprobs,
     }
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
+    return delta
 
 
 def delta_event(seq: int, choices: list[dict[str, Any]]) -> dict[str, Any]:

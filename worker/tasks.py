@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from tokenrelay import wire
+from worker import tools
+from worker.constraints import Grammars, GrammarSpec, output_vocab_size, spec_for_response_format
 from worker.engine import ChoiceOutput, Engine, EngineError
 from worker.errors import InvalidRequest, WorkerError
 from worker.prompts import prepare
-from worker.sampling import TokenLogprob
+from worker.sampling import Constraint, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class Runtime:
         self.default_top_p = default_top_p
         self.cancelled: set[str] = set()
         self._token_text: dict[int, str] = {}
+        self._grammars: Grammars | None = None
+        self._grammars_lock = asyncio.Lock()
 
     def cancel(self, request_id: str) -> None:
         self.cancelled.add(request_id)
@@ -92,8 +97,33 @@ class Runtime:
         finally:
             self.cancelled.discard(request_id)
 
+    async def _grammar_engine(self, param: str) -> Grammars:
+        """xgrammar's tokenizer index, built on the first structured request (seconds for a big
+        vocabulary, so never at startup and never on the event loop)."""
+        async with self._grammars_lock:
+            if self._grammars is None:
+                vocab = output_vocab_size(self.engine.model)
+                try:
+                    self._grammars = await asyncio.to_thread(
+                        Grammars, self.tokenizer, vocab_size=vocab, stop_token_ids=self.engine.eos_token_ids)
+                except ImportError:
+                    raise InvalidRequest(f"'{param}' needs xgrammar, which this worker lacks "
+                                         "(install tokenrelay[worker]).", param=param,
+                                         code="unsupported_parameter") from None
+            return self._grammars
+
+    async def _constraint(self, job: wire.Job) -> Callable[[], Constraint] | None:
+        """A forced tool call's grammar, else the response_format's, else None."""
+        schema = tools.forced_call_schema(job)
+        spec = GrammarSpec.of(schema, "tools") if schema is not None else spec_for_response_format(job.response_format)
+        if spec is None:
+            return None
+        grammars = await self._grammar_engine(spec.param)
+        return grammars.factory(await asyncio.to_thread(grammars.compile, spec))
+
     async def _generate(self, job: wire.Job, out: Publisher) -> None:
-        prompts = prepare(self.tokenizer, job, context_length=self.context_length,
+        # The rendered job may carry the tools as prompt text only; the job itself keeps them.
+        prompts = prepare(self.tokenizer, tools.render_job(self.tokenizer, job), context_length=self.context_length,
                           max_request_tokens=self.max_request_tokens)
         rows = len(prompts.ids) * job.n
         if rows > self.engine.max_batch_size:
@@ -105,11 +135,15 @@ class Runtime:
             params = replace(params, temperature=self.default_temperature)
         if params.top_p is None:
             params = replace(params, top_p=self.default_top_p)
+        constraint = await self._constraint(job)
         await out.send(wire.started_event, worker_id=self.worker_id, prompt_tokens=prompts.token_count)
         completion_tokens = 0
         echo_pending = set(range(rows)) if job.echo else set()
+        names = set(tools.tool_names(job.tools))
+        parsers = {i: tools.ToolCallParser(names, parallel=job.parallel_tool_calls)
+                   for i in range(rows)} if tools.calls_possible(job) else {}
         async for outputs in self.engine.generate(job.request_id, prompts.ids, n=job.n, params=params,
-                                                  max_tokens=prompts.max_tokens):
+                                                  max_tokens=prompts.max_tokens, constraint=constraint):
             choices = []
             for o in outputs:
                 completion_tokens += o.tokens
@@ -117,17 +151,26 @@ class Runtime:
                 if o.index in echo_pending:
                     echo_pending.discard(o.index)
                     text = prompts.texts[o.index // job.n] + text
-                choices.append(self._delta(o, text))
+                choices.append(self._delta(o, text, parsers.get(o.index)))
             await out.send(wire.delta_event, choices)
         if job.request_id in self.cancelled:
             return  # the client left; nobody reads a done event
         await out.send(wire.done_event, prompt_tokens=prompts.token_count,
                        completion_tokens=completion_tokens)
 
-    def _delta(self, o: ChoiceOutput, text: str) -> dict[str, Any]:
+    def _delta(self, o: ChoiceOutput, text: str, parser: tools.ToolCallParser | None) -> dict[str, Any]:
         logprobs = [self._logprob(lp) for lp in o.logprobs] if o.logprobs else None
-        return wire.choice_delta(o.index, text, tokens=o.tokens, finish_reason=o.finish_reason,  # type: ignore[arg-type]
-                                 logprobs=logprobs)
+        finish = o.finish_reason
+        wire_calls: list[dict[str, Any]] = []
+        if parser is not None:
+            first = parser.calls
+            text, calls = parser.feed(text)
+            if finish is not None:
+                rest, more, finish = parser.finish(finish)
+                text, calls = text + rest, calls + more
+            wire_calls = [c.to_wire(first + k) for k, c in enumerate(calls)]
+        return wire.choice_delta(o.index, text, tokens=o.tokens, finish_reason=finish,  # type: ignore[arg-type]
+                                 logprobs=logprobs, tool_calls=wire_calls or None)
 
     def _text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
