@@ -143,7 +143,8 @@ class Runtime:
         parsers = {i: tools.ToolCallParser(names, parallel=job.parallel_tool_calls)
                    for i in range(rows)} if tools.calls_possible(job) else {}
         async for outputs in self.engine.generate(job.request_id, prompts.ids, n=job.n, params=params,
-                                                  max_tokens=prompts.max_tokens, constraint=constraint):
+                                                  max_tokens=prompts.max_tokens, constraint=constraint,
+                                                  prompt_logprobs=job.echo and params.logprobs is not None):
             choices = []
             for o in outputs:
                 completion_tokens += o.tokens
@@ -151,15 +152,21 @@ class Runtime:
                 if o.index in echo_pending:
                     echo_pending.discard(o.index)
                     text = prompts.texts[o.index // job.n] + text
-                choices.append(self._delta(o, text, parsers.get(o.index)))
+                choices.append(self._delta(o, text, parsers.get(o.index), prompts.ids[o.index // job.n]))
             await out.send(wire.delta_event, choices)
         if job.request_id in self.cancelled:
             return  # the client left; nobody reads a done event
         await out.send(wire.done_event, prompt_tokens=prompts.token_count,
                        completion_tokens=completion_tokens)
 
-    def _delta(self, o: ChoiceOutput, text: str, parser: tools.ToolCallParser | None) -> dict[str, Any]:
+    def _delta(
+        self, o: ChoiceOutput, text: str, parser: tools.ToolCallParser | None, prompt_ids: list[int]
+    ) -> dict[str, Any]:
         logprobs = [self._logprob(lp) for lp in o.logprobs] if o.logprobs else None
+        if o.prompt_logprobs is not None:
+            # echo + logprobs: the prompt's tokens come first, as OpenAI's completions do.
+            logprobs = [self._prompt_logprob(lp, token) for lp, token in
+                        zip(o.prompt_logprobs, prompt_ids, strict=True)] + (logprobs or [])
         finish = o.finish_reason
         wire_calls: list[dict[str, Any]] = []
         if parser is not None:
@@ -177,6 +184,12 @@ class Runtime:
         if text is None:
             text = self._token_text[token_id] = self.tokenizer.decode([token_id])
         return text
+
+    def _prompt_logprob(self, lp: TokenLogprob | None, token_id: int) -> dict[str, Any]:
+        if lp is not None:
+            return self._logprob(lp)
+        text = self._text(token_id)  # the first prompt token has no context, so no logprob
+        return {"token": text, "logprob": None, "bytes": list(text.encode()), "top_logprobs": None}
 
     def _logprob(self, lp: TokenLogprob) -> dict[str, Any]:
         def entry(token_id: int, logprob: float) -> dict[str, Any]:
