@@ -21,3 +21,4 @@ if ! command -v redis-server >/dev/null 2>&1 && [ -z "${REDIS_URL:-}" ]; then
     echo "setup: redis-server not found: install it, or set REDIS_URL to a Redis you run" >&2
   fi
 fi
+if command -v npm >/dev/null 2>&1; then (cd tests/node && npm ci --no-audit --no-fund); fi  # Node SDK conformance
