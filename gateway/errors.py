@@ -11,6 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic_core import ErrorDetails
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
@@ -71,13 +72,25 @@ def queue_full(model: str, waiting: int) -> OpenAIError:
     return OpenAIError(429, message, "rate_limit_error", None, "queue_full", {"retry-after": "1"})
 
 
+def queue_timeout_error(seconds: float) -> OpenAIError:
+    """503 with ``x-should-retry: false``: the SDKs retry every 5xx twice by default, which would
+    make the client wait three queue timeouts for the same answer."""
+    message = (f"No worker started the request within {seconds:g} s: the model's workers are busy or gone. "
+               "Try again later.")
+    return OpenAIError(503, message, "server_error", None, "queue_timeout", {"x-should-retry": "false"})
+
+
 def redis_unavailable() -> OpenAIError:
     message = "The request queue (Redis) is not reachable; try again later."
     return server_error(503, message, "redis_unavailable")
 
 
-def from_error_event(event: Mapping[str, Any]) -> OpenAIError:
-    """A worker's ``error`` event, trusted only as far as its shape checks out."""
+def from_error_event(event: Mapping[str, Any], max_tokens_param: str = "max_tokens") -> OpenAIError:
+    """A worker's ``error`` event, trusted only as far as its shape checks out.
+
+    The worker names the completion budget ``max_tokens`` whichever field set it; a context-length
+    error names ``max_tokens_param`` instead, the field the client sent (``max_completion_tokens``).
+    """
     raw = event.get("error")
     error: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     status = event.get("status")
@@ -88,13 +101,50 @@ def from_error_event(event: Mapping[str, Any]) -> OpenAIError:
         value = error.get(key)
         return value if isinstance(value, str) else None
 
+    param, code = text("param"), text("code")
+    if code == "context_length_exceeded" and param == "max_tokens":
+        param = max_tokens_param
     return OpenAIError(
         status,
         text("message") or "The worker failed to process the request.",
         text("type") or "server_error",
-        text("param"),
-        text("code"),
+        param,
+        code,
     )
+
+
+_BELOW_MIN = ("greater_than", "greater_than_equal")
+_ABOVE_MAX = ("less_than", "less_than_equal")
+_LENGTH_CODES = {
+    "too_short": "array_below_min_length",
+    "too_long": "array_above_max_length",
+    "string_too_short": "string_below_min_length",
+    "string_too_long": "string_above_max_length",
+}
+
+
+def validation_error_code(error: ErrorDetails) -> str:
+    """The OpenAI ``code`` for a pydantic validation error: what OpenAI answers for the same mistake
+    (``decimal_above_max_value``, ``missing_required_parameter``, ``invalid_type``, ...). Our own
+    errors (type ``invalid_value``) carry their code in the context."""
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind == "invalid_value":  # ours: the code travels in the context
+        return str(ctx.get("code") or "invalid_value")
+    if kind == "missing":
+        return "missing_required_parameter"
+    if kind in _BELOW_MIN or kind in _ABOVE_MAX:
+        # Float fields carry float bounds (pydantic converts them), integer fields int bounds.
+        bound = next((ctx[k] for k in ("ge", "gt", "le", "lt") if k in ctx), None)
+        number = "decimal" if isinstance(bound, float) else "integer"
+        return f"{number}_below_min_value" if kind in _BELOW_MIN else f"{number}_above_max_value"
+    if kind == "too_short" and ctx.get("actual_length") == 0:
+        return "empty_array"
+    if kind in _LENGTH_CODES:
+        return _LENGTH_CODES[kind]
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return "invalid_type"
+    return "invalid_value"  # literal_error, string_pattern_mismatch, finite_number, ...
 
 
 def as_openai_error(exc: BaseException) -> OpenAIError:

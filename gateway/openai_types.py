@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from gateway.errors import OpenAIError, invalid_request
+from gateway.errors import OpenAIError, invalid_request, validation_error_code
 from gateway.structured import ResponseFormat, Tool, check_tool_choice, parse_response_format
 from tokenrelay import wire
 
@@ -39,9 +39,10 @@ Fraction = Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)]
 TokenCount = Annotated[StrictInt, Field(ge=1)]
 
 
-def _invalid(message: str, sub: str = "") -> PydanticCustomError:
-    """A validation error with our own message; ``sub`` extends the param below the field."""
-    return PydanticCustomError("invalid_value", message, {"sub": sub})
+def _invalid(message: str, sub: str = "", code: str = "invalid_value") -> PydanticCustomError:
+    """A validation error with our own message; ``sub`` extends the param below the field, and
+    ``code`` is the error's OpenAI ``code``."""
+    return PydanticCustomError("invalid_value", message, {"sub": sub, "code": code})
 
 
 class StreamOptions(BaseModel):
@@ -99,7 +100,8 @@ class _Request(BaseModel):
         if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
             raise _invalid("'stop' must be a string, a list of strings, or null.")
         if len(items) > 4:
-            raise _invalid(f"'stop' accepts at most 4 sequences, got {len(items)}.")
+            raise _invalid(f"'stop' accepts at most 4 sequences, got {len(items)}.",
+                           code="array_above_max_length")
         return [s for s in items if s]
 
     @field_validator("logit_bias")
@@ -230,9 +232,9 @@ class ChatMessage(BaseModel):
     def _check_roles(self) -> ChatMessage:
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise _invalid(f"Missing required parameter: 'content' (a '{self.role}' message needs content).",
-                           "content")
+                           "content", "missing_required_parameter")
         if self.role == "tool" and not self.tool_call_id:
-            raise _invalid("A 'tool' message needs a 'tool_call_id'.", "tool_call_id")
+            raise _invalid("A 'tool' message needs a 'tool_call_id'.", "tool_call_id", "missing_required_parameter")
         return self
 
     def normalised(self) -> dict[str, Any]:
@@ -306,7 +308,7 @@ class CompletionRequest(_Request):
             if all(is_ids(p) for p in value):
                 return [list(p) for p in value]
         if isinstance(value, list) and not value:
-            raise _invalid("'prompt' must not be an empty list.")
+            raise _invalid("'prompt' must not be an empty list.", code="empty_array")
         raise _invalid("'prompt' must be a string, a list of strings, a list of token ids, "
                        "or a list of lists of token ids.")
 
@@ -408,4 +410,4 @@ def _from_validation_error(error: ErrorDetails) -> OpenAIError:
         if not isinstance(error["input"], dict | list):
             message += f" (got {json.dumps(error['input'])[:100]})"
         message += "."
-    return invalid_request(message, param or None)
+    return invalid_request(message, param or None, validation_error_code(error))

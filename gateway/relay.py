@@ -5,8 +5,9 @@ for the subscribe confirmation before the job can reach a worker.
 
 How a request ends when things go wrong, and how fast:
 
-* no worker starts it within ``queue_timeout`` → 503 ``queue_timeout``; a cancel marker makes a
-  worker that picks the job up later drop it (arq also expires the job by then);
+* no worker starts it within ``queue_timeout`` → 503 ``queue_timeout``; the job is withdrawn from
+  its arq queue (so it no longer counts toward ``max_queue_length``), and a cancel marker makes a
+  worker that took it at that very moment drop it;
 * its worker dies (SIGKILL, lost host) → its registry key expires ``wire.WORKER_TTL_S`` after its
   last heartbeat, and the gateway checks that key after each ``LIVENESS_INTERVAL_S`` of silence:
   503 ``worker_lost`` within about WORKER_TTL_S + LIVENESS_INTERVAL_S + FINISH_GRACE_S (~5.3 s);
@@ -14,7 +15,8 @@ How a request ends when things go wrong, and how fast:
   ``events_lost``; a partial answer is never passed off as a complete one.
 
 Whenever a request ends other than by the worker's ``done``/``error`` (client gone, timeout, any
-of the above), the worker is told to stop: cancel marker plus a message on ``wire.CANCEL_CHANNEL``.
+of the above), the worker is told to stop: cancel marker plus a message on ``wire.CANCEL_CHANNEL``;
+a job no worker has started yet is also removed from the queue (see ``publish_cancel``).
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from typing import Any
 
 from arq.jobs import Job as ArqJob
 from arq.jobs import JobStatus
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.errors import OpenAIError, queue_full, server_error
+from gateway.errors import OpenAIError, queue_full, queue_timeout_error, server_error
 from tokenrelay import wire
 
 log = logging.getLogger(__name__)
@@ -114,13 +116,38 @@ async def _confirm_subscribed(pubsub: Any) -> None:
     raise RedisTimeoutError("Redis did not confirm the SUBSCRIBE")
 
 
-async def publish_cancel(redis: Any, request_id: str) -> None:
+async def publish_cancel(redis: Any, request_id: str, queue_name: str | None = None) -> None:
     """Tell workers to drop ``request_id``: the marker for one that has not picked it up yet,
-    the message for one generating it now."""
+    the message for one generating it now.
+
+    With ``queue_name`` (the job's arq queue), a job no worker has started yet (arq's in-progress
+    key absent) is also withdrawn: removed from the queue and its arq job key deleted, in the
+    same transaction, so it stops counting toward ``--max-queue-length``. A worker taking it
+    meanwhile changes the watched key; it is then stopped like a running job.
+    """
+    if queue_name is not None:
+        in_progress = wire.arq_in_progress_key(request_id)
+        try:
+            async with redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(in_progress)
+                started = bool(await pipe.exists(in_progress))
+                pipe.multi()
+                if not started:
+                    pipe.zrem(queue_name, request_id)
+                    pipe.delete(wire.arq_job_key(request_id))
+                _queue_cancel(pipe, request_id)
+                await pipe.execute()
+                return
+        except WatchError:
+            pass  # a worker took the job between our check and the transaction
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.set(wire.cancel_marker_key(request_id), 1, ex=wire.CANCEL_MARKER_TTL_S)
-        pipe.publish(wire.CANCEL_CHANNEL, request_id)
+        _queue_cancel(pipe, request_id)
         await pipe.execute()
+
+
+def _queue_cancel(pipe: Any, request_id: str) -> None:
+    pipe.set(wire.cancel_marker_key(request_id), 1, ex=wire.CANCEL_MARKER_TTL_S)
+    pipe.publish(wire.CANCEL_CHANNEL, request_id)
 
 
 class EventStream:
@@ -166,12 +193,7 @@ class EventStream:
             wait = LIVENESS_INTERVAL_S
             if self.worker_id is None:
                 if now >= self._queue_deadline:
-                    raise server_error(
-                        503,
-                        f"No worker started the request within {self._queue_timeout:g} s: the model's "
-                        "workers are busy or gone. Try again later.",
-                        "queue_timeout",
-                    )
+                    raise queue_timeout_error(self._queue_timeout)
                 wait = min(wait, self._queue_deadline - now)
             if give_up is not None:
                 if now >= give_up:
@@ -238,7 +260,9 @@ class EventStream:
         try:
             if self.enqueued and not self.ended:
                 log.info("%s: cancelling", self.request_id)
-                await publish_cancel(self._redis, self.request_id)
+                # Not started by a worker (as far as we know): withdraw it from the queue too.
+                queue = self._queue_name if self.worker_id is None else None
+                await publish_cancel(self._redis, self.request_id, queue)
         except (RedisError, OSError) as exc:
             log.warning("%s: could not publish the cancel: %s", self.request_id, exc)
         with contextlib.suppress(RedisError, OSError):  # the connection is closed below either way

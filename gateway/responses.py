@@ -5,6 +5,7 @@ Pure data in, data out: no I/O here, so every shape can be checked without a ser
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ class ResponseMeta:
     choice_count: int
     logprobs: bool  # the client asked for logprobs
     include_usage: bool = False
+    max_tokens_param: str = "max_tokens"  # the field that set the completion budget, for errors
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -55,26 +57,60 @@ def _openai_call(call: dict[str, Any]) -> dict[str, Any]:
             "function": {"name": call["name"], "arguments": call["arguments"]}}
 
 
-def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
-    """The legacy completions shape; ``offset`` is the characters of text before these tokens."""
+def _entry_bytes(entry: dict[str, Any]) -> bytes:
+    raw = entry.get("bytes")
+    if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b <= 255 for b in raw):
+        return bytes(raw)
+    return str(entry.get("token", "")).encode()
+
+
+class TextOffsets:
+    """One choice's completions ``text_offset``: where each token starts in the text actually sent.
+
+    Fed every delta of the choice in order, the stream and the non-stream response compute the
+    same offsets. Within a delta (an echoed prompt brings many tokens at once) the tokens' raw
+    bytes are decoded in sequence and a token advances the position by the text it completes,
+    when the delta's text shows that text there: a special token (left out of the text), a token
+    holding part of a character (its text comes with a later token) or text a stop string cut
+    off does not advance it, so an offset never points past the text.
+    """
+
+    def __init__(self) -> None:
+        self.length = 0  # characters sent so far
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, entries: list[dict[str, Any]], text: str) -> list[int]:
+        """The offsets of a delta's tokens, given the delta's text."""
+        offsets: list[int] = []
+        at = 0
+        for entry in entries:
+            offsets.append(self.length + at)
+            piece = self._decoder.decode(_entry_bytes(entry))
+            if piece and text.startswith(piece, at):
+                at += len(piece)
+        self.length += len(text)
+        return offsets
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offsets: list[int]) -> dict[str, Any]:
+    """The legacy completions shape; ``offsets`` are the tokens' ``text_offset`` (see TextOffsets)."""
     shape: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for entry in entries:
-        token = str(entry.get("token", ""))
-        shape["tokens"].append(token)
+    for entry, offset in zip(entries, offsets, strict=True):
+        shape["tokens"].append(str(entry.get("token", "")))
         shape["token_logprobs"].append(entry.get("logprob"))
         shape["top_logprobs"].append({str(t.get("token")): t.get("logprob")
                                       for t in entry.get("top_logprobs") or [] if isinstance(t, dict)})
         shape["text_offset"].append(offset)
-        offset += len(token)
     return shape
 
 
 @dataclass
 class _Choice:
     text: list[str] = field(default_factory=list)
-    length: int = 0  # characters so far, for completions' text_offset
     finish_reason: str | None = None
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    offsets: TextOffsets = field(default_factory=TextOffsets)
+    text_offset: list[int] = field(default_factory=list)  # completions: one per logprobs entry
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -95,9 +131,10 @@ class Collector:
             for delta in _delta_choices(event):
                 choice = self._choices.setdefault(int(delta.get("index", 0)), _Choice())
                 text = str(delta.get("text") or "")
+                entries = _logprob_entries(delta)
                 choice.text.append(text)
-                choice.length += len(text)
-                choice.logprobs.extend(_logprob_entries(delta))
+                choice.logprobs.extend(entries)
+                choice.text_offset.extend(choice.offsets.add(entries, text))
                 choice.tool_calls.extend(_openai_call(c) for c in _tool_calls(delta))
                 if delta.get("finish_reason"):
                     choice.finish_reason = str(delta["finish_reason"])
@@ -134,7 +171,7 @@ class Collector:
         return {
             "index": index,
             "text": text,
-            "logprobs": completion_logprobs(choice.logprobs, 0) if self.meta.logprobs else None,
+            "logprobs": completion_logprobs(choice.logprobs, choice.text_offset) if self.meta.logprobs else None,
             "finish_reason": choice.finish_reason,
         }
 
@@ -144,7 +181,7 @@ class ChunkWriter:
 
     def __init__(self, meta: ResponseMeta) -> None:
         self.meta = meta
-        self._lengths: dict[int, int] = {}
+        self._offsets: dict[int, TextOffsets] = {}
 
     def chunks(self, event: Event) -> list[dict[str, Any]]:
         kind = event.get("type")
@@ -168,13 +205,12 @@ class ChunkWriter:
         finish = delta.get("finish_reason") or None
         out = []
         if text or entries:
-            offset = self._lengths.get(index, 0)
-            self._lengths[index] = offset + len(text)
             if self.meta.kind == "chat":
                 logprobs = {"content": entries} if self.meta.logprobs else None
                 out.append(self._chat_chunk(index, {"content": text}, logprobs, None))
             else:
-                logprobs = completion_logprobs(entries, offset) if self.meta.logprobs else None
+                offsets = self._offsets.setdefault(index, TextOffsets()).add(entries, text)
+                logprobs = completion_logprobs(entries, offsets) if self.meta.logprobs else None
                 out.append(self._text_chunk(index, text, logprobs, None))
         if self.meta.kind == "chat":
             for call in _tool_calls(delta):

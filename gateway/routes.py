@@ -78,6 +78,7 @@ async def _complete(
         choice_count=body.choice_count,
         logprobs=job.sampling.logprobs is not None,
         include_usage=body.include_usage,
+        max_tokens_param=body.max_new_tokens[1],
     )
     if body.stream:
         return await _stream(request, gateway, job, meta)
@@ -93,7 +94,7 @@ async def _collect(relay: Relay, job: wire.Job, meta: ResponseMeta) -> dict[str,
         collector = Collector(meta)
         async for event in stream:
             if event["type"] == "error":
-                raise from_error_event(event)
+                raise from_error_event(event, meta.max_tokens_param)
             collector.add(event)
         return collector.body()
     finally:
@@ -119,7 +120,7 @@ async def _stream(request: Request, gateway: Gateway, job: wire.Job, meta: Respo
     stream, first = opened
     if first["type"] == "error":
         await stream.aclose()
-        return error_response(from_error_event(first))
+        return error_response(from_error_event(first, meta.max_tokens_param))
     frames = event_frames(stream, first, ChunkWriter(meta), gateway.settings.stream_keepalive)
     return EventStreamResponse(frames, on_close=stream.aclose, headers={"x-request-id": meta.id})
 

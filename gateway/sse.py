@@ -36,7 +36,7 @@ async def event_frames(
             if event is None:
                 yield PING
             elif event.get("type") == "error":
-                yield frame(from_error_event(event).body())
+                yield frame(from_error_event(event, writer.meta.max_tokens_param).body())
                 break
             else:
                 for chunk in writer.chunks(event):

@@ -21,10 +21,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from gateway.errors import validation_error_code
 
-def _invalid(message: str, sub: str = "") -> PydanticCustomError:
-    """As openai_types._invalid: our message, ``sub`` extending the param below the field."""
-    return PydanticCustomError("invalid_value", message, {"sub": sub})
+
+def _invalid(message: str, sub: str = "", code: str = "invalid_value") -> PydanticCustomError:
+    """As openai_types._invalid: our message, ``sub`` extending the param below the field, ``code``
+    the OpenAI error code."""
+    return PydanticCustomError("invalid_value", message, {"sub": sub, "code": code})
 
 
 Name = Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
@@ -129,7 +132,8 @@ class ResponseFormat(BaseModel):
     @model_validator(mode="after")
     def _check_kind(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
-            raise _invalid("Missing required parameter: 'response_format.json_schema'.", "json_schema")
+            raise _invalid("Missing required parameter: 'response_format.json_schema'.", "json_schema",
+                           "missing_required_parameter")
         return self
 
     def for_job(self) -> dict[str, Any] | None:
@@ -162,7 +166,9 @@ def parse_response_format(value: Any) -> ResponseFormat | None:
         return ResponseFormat.model_validate(value)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
+        code = validation_error_code(error)
         if error["type"] == "invalid_value":
-            raise _invalid(error["msg"]) from None
+            raise _invalid(error["msg"], code=code) from None
         where = "".join(f".{part}" for part in error["loc"])
-        raise _invalid(f"Invalid 'response_format{where}': {error['msg'][:1].lower()}{error['msg'][1:]}.") from None
+        raise _invalid(f"Invalid 'response_format{where}': {error['msg'][:1].lower()}{error['msg'][1:]}.",
+                       code=code) from None

@@ -409,9 +409,42 @@ def test_queue_timeout_sets_a_cancel_marker(base: str, rds: redis.Redis) -> None
     start = time.monotonic()
     r = httpx.post(base + "/v1/chat/completions", json={"model": idle, "messages": HI})
     assert r.status_code == 503 and error_of(r)["code"] == "queue_timeout"
+    assert r.headers["x-should-retry"] == "false"  # the SDKs would otherwise retry it twice
     assert 0.9 < time.monotonic() - start < 3
-    assert rds.get(wire.cancel_marker_key(r.headers["x-request-id"])) == b"1"
+    request_id = r.headers["x-request-id"]
+    assert rds.get(wire.cancel_marker_key(request_id)) == b"1"
+    # Withdrawn from the queue: it no longer counts toward --max-queue-length.
+    assert rds.zcard(wire.queue_name(idle)) == 0 and not rds.exists(wire.arq_job_key(request_id))
     rds.delete(wire.worker_key(info.worker_id))
+
+
+def test_cancel_withdraws_only_jobs_no_worker_started(redis_url: str, rds: redis.Redis) -> None:
+    import asyncio
+
+    import redis.asyncio
+
+    from gateway.relay import publish_cancel
+
+    queue = wire.queue_name(f"withdraw-{uuid.uuid4().hex[:6]}")
+    waiting, taken = (f"chatcmpl-{uuid.uuid4().hex}" for _ in range(2))
+    for job_id in (waiting, taken):
+        rds.zadd(queue, {job_id: 1})
+        rds.set(wire.arq_job_key(job_id), b"{}", ex=60)
+    rds.set(wire.arq_in_progress_key(taken), b"1", ex=60)  # a worker took it
+
+    async def cancel_both() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            for job_id in (waiting, taken):
+                await publish_cancel(client, job_id, queue)
+        finally:
+            await client.aclose()
+
+    asyncio.run(cancel_both())
+    assert rds.zrange(queue, 0, -1) == [taken.encode()]  # the worker's arq removes it when done
+    assert not rds.exists(wire.arq_job_key(waiting)) and rds.exists(wire.arq_job_key(taken))
+    assert rds.get(wire.cancel_marker_key(waiting)) == rds.get(wire.cancel_marker_key(taken)) == b"1"
+    rds.delete(queue, wire.arq_job_key(taken), wire.arq_in_progress_key(taken))
 
 
 def test_disconnect_while_queued_cancels(base: str, rds: redis.Redis) -> None:
@@ -425,6 +458,8 @@ def test_disconnect_while_queued_cancels(base: str, rds: redis.Redis) -> None:
             httpx.post(base + "/v1/chat/completions", timeout=0.3,
                        json={"model": idle, "messages": HI, "stream": stream})
         assert _wait_cancel(pubsub, None, 0.5).startswith("chatcmpl-")
+    # The withdrawal and the message are one transaction: both jobs left the queue already.
+    assert rds.zcard(wire.queue_name(idle)) == 0
     rds.delete(wire.worker_key(info.worker_id))
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.errors import OpenAIError, from_error_event
 from gateway.openai_types import ChatCompletionRequest, CompletionRequest, parse_request
-from gateway.responses import ChunkWriter, Collector, ResponseMeta
+from gateway.responses import ChunkWriter, Collector, ResponseMeta, TextOffsets
 from gateway.settings import OPTIONS, GatewaySettings
 from tokenrelay import config, wire
 
@@ -82,6 +82,54 @@ def test_message_normalisation() -> None:
                           {"role": "user", "content": parts, "extra_thing": 1}]).to_job("x", 0)
     assert job.messages == [{"role": "system", "content": "sys", "name": "n"},
                             {"role": "user", "content": "a\nb"}]
+
+
+@pytest.mark.parametrize(("body", "param", "code"), [
+    ({"temperature": 3}, "temperature", "decimal_above_max_value"),
+    ({"temperature": -1}, "temperature", "decimal_below_min_value"),
+    ({"top_p": 0}, "top_p", "decimal_below_min_value"),
+    ({"n": 0}, "n", "integer_below_min_value"),
+    ({"n": 129}, "n", "integer_above_max_value"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "integer_above_max_value"),
+    ({"messages": []}, "messages", "empty_array"),
+    ({"messages": None}, "messages", "invalid_type"),
+    ({"seed": "x"}, "seed", "invalid_type"),
+    ({"stream": "yes"}, "stream", "invalid_type"),
+    ({"model": None}, "model", "invalid_type"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "invalid_value"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", "missing_required_parameter"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "array_above_max_length"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "invalid_value"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function", "missing_required_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name", "invalid_value"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "missing_required_parameter"),
+    ({"response_format": {"type": "xml"}}, "response_format", "invalid_value"),
+])
+def test_validation_errors_have_openai_codes(body: dict[str, Any], param: str, code: str) -> None:
+    with pytest.raises(OpenAIError) as err:
+        _chat(**body)
+    assert (err.value.status, err.value.param, err.value.code) == (400, param, code)
+
+
+def test_missing_fields_are_named() -> None:
+    with pytest.raises(OpenAIError) as err:
+        parse_request(b'{"model": "m"}', ChatCompletionRequest)
+    assert (err.value.param, err.value.code) == ("messages", "missing_required_parameter")
+    with pytest.raises(OpenAIError) as err:
+        _completion(prompt=[])
+    assert (err.value.param, err.value.code) == ("prompt", "empty_array")
+
+
+def test_context_length_error_names_the_field_sent() -> None:
+    event = wire.error_event(0, status=400, message="m", type_="invalid_request_error", param="max_tokens",
+                             code="context_length_exceeded")
+    assert from_error_event(event).param == "max_tokens"
+    assert from_error_event(event, "max_completion_tokens").param == "max_completion_tokens"
+    other = wire.error_event(0, status=400, message="m", param="max_tokens", code="something_else")
+    assert from_error_event(other, "max_completion_tokens").param == "max_tokens"
+    messages = {**event, "error": {**event["error"], "param": "messages"}}
+    assert from_error_event(messages, "max_completion_tokens").param == "messages"
 
 
 def test_error_event_is_trusted_only_in_shape() -> None:
@@ -165,3 +213,46 @@ def test_gateway_never_imports_the_model_stack() -> None:
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'accelerate'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _lp(token: str, raw: bytes | None = None) -> dict[str, Any]:
+    return {"token": token, "logprob": -1.0, "bytes": list(token.encode() if raw is None else raw), "top_logprobs": []}
+
+
+def test_text_offsets_follow_the_text_sent() -> None:
+    offsets = TextOffsets()
+    # A special token (not in the text), then a plain one.
+    assert offsets.add([_lp("<|im_start|>")], "") == [0]
+    assert offsets.add([_lp(" lazy")], " lazy") == [0]
+    # 'é' split over two byte tokens: the first one's text comes with the second.
+    assert offsets.add([_lp("\ufffd", b"\xc3")], "") == [5]
+    assert offsets.add([_lp("\ufffd", b"\xa9")], "é") == [5]
+    assert offsets.add([_lp(" fox")], " fox") == [6]
+    assert offsets.length == len(" lazyé fox")
+    # An echoed prompt: many tokens in one delta, a split character and a special token among them.
+    echo = TextOffsets()
+    entries = [_lp("ab"), _lp("\ufffd", b"\xc3"), _lp("\ufffd", b"\xa9"), _lp("<s>"), _lp(" c"), _lp("d")]
+    assert echo.add(entries, "abé cd") == [0, 2, 2, 3, 3, 5]
+    # Text a stop string cut off: the offset stays inside the text.
+    cut = TextOffsets()
+    assert cut.add([_lp("ab"), _lp("STOP")], "ab") == [0, 2]
+
+
+def test_completion_text_offset_stream_equals_non_stream() -> None:
+    meta = ResponseMeta(kind="completion", id="cmpl-1", created=1, model="m", choice_count=1, logprobs=True)
+    deltas = [("", [_lp("<|im_start|>")]), (" lazy", [_lp(" lazy")]), ("", [_lp("\ufffd", b"\xc3")]),
+              ("é", [_lp("\ufffd", b"\xa9")]), ("", [_lp("<|im_start|>")]), (" lazy", [_lp(" lazy")])]
+    events = [wire.started_event(0, worker_id="w", prompt_tokens=1)]
+    events += [wire.delta_event(i + 1, [wire.choice_delta(0, text, tokens=1, logprobs=lps)])
+               for i, (text, lps) in enumerate(deltas)]
+    events.append(wire.done_event(len(events), prompt_tokens=1, completion_tokens=len(deltas)))
+    collector, writer = Collector(meta), ChunkWriter(meta)
+    streamed: list[int] = []
+    for event in events:
+        collector.add(event)
+        for chunk in writer.chunks(event):
+            if chunk["choices"] and chunk["choices"][0]["logprobs"]:
+                streamed += chunk["choices"][0]["logprobs"]["text_offset"]
+    choice = collector.body()["choices"][0]
+    assert choice["text"] == " lazyé lazy"
+    assert choice["logprobs"]["text_offset"] == streamed == [0, 0, 5, 5, 6, 6]

@@ -16,6 +16,7 @@ from worker.engine import ChoiceOutput, Engine, EngineError
 from worker.errors import InvalidRequest, WorkerError
 from worker.prompts import prepare
 from worker.sampling import Constraint, TokenLogprob
+from worker.token_bytes import TokenBytes
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Runtime:
         self.default_top_p = default_top_p
         self.cancelled: set[str] = set()
         self._token_text: dict[int, str] = {}
+        self._token_bytes = TokenBytes(tokenizer)
         self._grammars: Grammars | None = None
         self._grammars_lock = asyncio.Lock()
 
@@ -185,18 +187,19 @@ class Runtime:
             text = self._token_text[token_id] = self.tokenizer.decode([token_id])
         return text
 
+    def _entry(self, token_id: int, logprob: float | None) -> dict[str, Any]:
+        """``token`` is the token decoded alone (U+FFFD for part of a character); ``bytes`` are
+        its own raw bytes, so joining them rebuilds characters split across tokens."""
+        return {"token": self._text(token_id), "logprob": logprob, "bytes": list(self._token_bytes(token_id))}
+
     def _prompt_logprob(self, lp: TokenLogprob | None, token_id: int) -> dict[str, Any]:
         if lp is not None:
             return self._logprob(lp)
-        text = self._text(token_id)  # the first prompt token has no context, so no logprob
-        return {"token": text, "logprob": None, "bytes": list(text.encode()), "top_logprobs": None}
+        # The first prompt token has no context, so no logprob.
+        return {**self._entry(token_id, None), "top_logprobs": None}
 
     def _logprob(self, lp: TokenLogprob) -> dict[str, Any]:
-        def entry(token_id: int, logprob: float) -> dict[str, Any]:
-            text = self._text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-        return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+        return {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(t, v) for t, v in lp.top]}
 
 
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:

@@ -356,11 +356,13 @@ def test_chat_logprobs_shape(client: openai.OpenAI) -> None:
     assert len(content) == r.usage.completion_tokens == 16
     for entry in content:
         assert isinstance(entry.token, str) and entry.logprob <= 0
-        assert entry.bytes == list(entry.token.encode())
+        # `bytes` are the token's own bytes: its text's UTF-8 when it holds whole characters; a token
+        # holding part of one decodes to U+FFFD (see test_chat_logprob_bytes_rebuild_split_characters).
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token
         top = entry.top_logprobs
         assert len(top) == 3
         assert [t.logprob for t in top] == sorted((t.logprob for t in top), reverse=True)
-        assert all(t.bytes == list(t.token.encode()) and t.logprob <= 0 for t in top)
+        assert all(bytes(t.bytes).decode(errors="replace") == t.token and t.logprob <= 0 for t in top)
         # Greedy: the chosen token is the most likely one (raw logprobs, nothing adjusts them).
         assert entry.logprob == top[0].logprob and entry.token == top[0].token
     # logprobs without top_logprobs: the chosen token only.
@@ -396,8 +398,6 @@ def test_chat_logprob_tokens_concatenate_to_text(client: openai.OpenAI, tokenize
     assert {e.token for e in content} == set(words)  # presence_penalty cycles through all five
 
 
-@pytest.mark.xfail(strict=True, reason="logprob 'bytes' are the UTF-8 of the token's decoded text; for a token "
-                   "holding part of a character that is U+FFFD's bytes, not the token's own bytes as OpenAI sends")
 def test_chat_logprob_bytes_rebuild_split_characters(client: openai.OpenAI, tokenizer: Any) -> None:
     # 'é' is the two byte-tokens C3 A9: a seeded draw between just those two spells 'é' several times.
     lead, trail = tokenizer.convert_tokens_to_ids(["Ã", "©"])
@@ -417,18 +417,23 @@ def test_completions_logprobs(client: openai.OpenAI, tokenizer: Any) -> None:
     choice = complete(client, **kwargs).choices[0]
     lp = choice.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 12
-    offset = 0
-    for token, logprob, top, at in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset, strict=True):
-        assert logprob <= 0 and at == offset
-        offset += len(token)
+    # text_offset follows the text sent: a whole-character token spans exactly its own text, up to
+    # the next offset; a token holding part of a character ('\ufffd') adds text only once the
+    # character is complete.
+    assert lp.text_offset[0] == 0
+    ends = [*lp.text_offset[1:], len(choice.text)]
+    for token, logprob, top, at, end in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset, ends,
+                                            strict=True):
+        assert logprob <= 0 and at <= end
+        if REPLACEMENT not in token:
+            assert choice.text[at:end] == token
         # A dict token -> logprob: two entries, fewer when two tokens decode to the same text.
         assert isinstance(top, dict) and 1 <= len(top) <= 2
         assert logprob <= max(top.values())  # raw logprobs: logit_bias does not change them
     s = CompletionStream(client, **kwargs)
     assert s.text == choice.text
     assert (s.tokens[0], s.token_logprobs[0], s.top_logprobs[0]) == (lp.tokens, lp.token_logprobs, lp.top_logprobs)
-    # Offsets: see test_completions_text_offset_indexes_text and ..._stream_and_non_stream_agree.
-    assert s.text_offset[0][0] == 0 and s.text_offset[0] == sorted(s.text_offset[0])
+    assert s.text_offset[0] == lp.text_offset  # see also ..._stream_and_non_stream_agree
     assert complete(client, max_tokens=3).choices[0].logprobs is None
     # logprobs=0: the chosen tokens' logprobs, no alternatives.
     zero = complete(client, max_tokens=3, logprobs=0, **GREEDY).choices[0].logprobs
@@ -450,10 +455,6 @@ def test_completions_text_offset_indexes_text(client: openai.OpenAI, tokenizer: 
     assert all(text[at:].startswith(token) for token, at in zip(tokens, offsets, strict=True))
 
 
-@pytest.mark.xfail(strict=True, reason="non-stream text_offset is the running sum of the token strings' "
-                   "lengths, the stream's is the length of text sent so far: they disagree whenever a token's "
-                   "string is not the text it added (a special token, left out of the text; a partial UTF-8 "
-                   "token, held back), and the non-stream offsets then point past the text")
 def test_completions_text_offset_stream_and_non_stream_agree(client: openai.OpenAI, tokenizer: Any) -> None:
     # Greedy with +100 on ' lazy' and on '<|im_start|>', frequency_penalty 2: the two alternate.
     bias = {str(token_id(tokenizer, " lazy")): 100, str(tokenizer.bos_token_id): 100}
