@@ -124,6 +124,8 @@ def up(values: dict[str, Any]) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+    # Started in the background by a script, we inherit SIGINT ignored; Ctrl-C should still work.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         url = _start_redis(values["redis_url"], procs)
         env = {**os.environ, "REDIS_URL": url}

@@ -1,0 +1,1 @@
+"""Benchmarks: load generator, in-process engine bench, peers and the comparison run."""
