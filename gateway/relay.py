@@ -89,7 +89,11 @@ class Relay:
                 _queue_name=wire.queue_name(job.model),
                 _expires=self.queue_timeout,
             )
-            if enqueued is None:
+            if enqueued is not None:
+                # arq polls; the wake-up lets a worker start the job now instead of up to
+                # --poll-delay later. Losing it only costs that delay.
+                await self._redis.publish(wire.wake_channel(job.model), b"")
+            else:
                 message = f"Request id {job.request_id} is already in use."
                 raise server_error(500, message, "duplicate_request")
         except BaseException:
@@ -210,6 +214,13 @@ class EventStream:
                         return self._accept(event)
                     raise problem
                 self._last_heard = time.monotonic()
+
+    async def ready(self) -> Event | None:
+        """The next event if it has already arrived, else None at once (no liveness checks)."""
+        if self.ended:
+            return None
+        event = await self._receive(0.0)
+        return None if event is None else self._accept(event)
 
     async def _receive(self, wait: float) -> Event | None:
         message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=max(wait, 0.0))

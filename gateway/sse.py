@@ -32,18 +32,28 @@ async def event_frames(
     """
     try:
         event: Event | None = first
-        while True:
+        finished = False
+        while not finished:
             if event is None:
                 yield PING
-            elif event.get("type") == "error":
-                yield frame(from_error_event(event, writer.meta.max_tokens_param).body())
-                break
             else:
-                for chunk in writer.chunks(event):
-                    yield frame(chunk)
-                if event.get("type") == "done":
-                    break
-            event = await stream.next(timeout=keepalive)
+                # Events that have already arrived go out in one write: under load that saves a
+                # socket send per token, and the client parses several frames at once.
+                frames: list[bytes] = []
+                while event is not None:
+                    if event.get("type") == "error":
+                        frames.append(frame(from_error_event(event, writer.meta.max_tokens_param).body()))
+                        finished = True
+                        break
+                    frames.extend(frame(chunk) for chunk in writer.chunks(event))
+                    if event.get("type") == "done":
+                        finished = True
+                        break
+                    event = await stream.ready()
+                if frames:
+                    yield b"".join(frames)
+            if not finished:
+                event = await stream.next(timeout=keepalive)
     except Exception as exc:  # cancellation (client gone) is a BaseException and passes
         yield frame(as_openai_error(exc).body())
     finally:

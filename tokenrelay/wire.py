@@ -39,6 +39,11 @@ def queue_name(model: str) -> str:
     return f"{_PREFIX}:queue:{model}"
 
 
+def wake_channel(model: str) -> str:
+    """Published after each enqueue, so idle workers of that model poll now, not at their next tick."""
+    return f"{_PREFIX}:wake:{model}"
+
+
 def events_channel(request_id: str) -> str:
     return f"{_PREFIX}:events:{request_id}"
 

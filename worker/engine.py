@@ -164,15 +164,23 @@ class Engine:
         self._inbox.put(("add", seqs))
         finished = False
         try:
-            while True:
-                item = await request.outbox.get()
-                if item is _END:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
+            while not finished:
+                items = [await request.outbox.get()]
+                # When the consumer fell behind the engine, what piled up goes out as one list:
+                # fewer, larger events under load, one per token when there is time.
+                while not request.outbox.empty():
+                    items.append(request.outbox.get_nowait())
+                outputs: list[ChoiceOutput] = []
+                for item in items:
+                    if item is _END:
+                        finished = True
+                    elif isinstance(item, BaseException):
+                        finished = True
+                        raise item
+                    else:
+                        outputs.extend(item)
+                if outputs:
+                    yield _merge(outputs)
         finally:
             if not finished:
                 self.cancel(request_id)
@@ -385,6 +393,23 @@ class Engine:
             if request.unfinished == 0:
                 request.send(_END)
         return keep
+
+
+def _merge(outputs: list[ChoiceOutput]) -> list[ChoiceOutput]:
+    """One output per choice, in order: texts joined, token counts summed."""
+    merged: dict[int, ChoiceOutput] = {}
+    for o in outputs:
+        into = merged.get(o.index)
+        if into is None:
+            merged[o.index] = ChoiceOutput(o.index, o.text, o.tokens, o.finish_reason, list(o.logprobs),
+                                           o.prompt_logprobs)
+        else:
+            into.text += o.text
+            into.tokens += o.tokens
+            into.finish_reason = o.finish_reason or into.finish_reason
+            into.logprobs.extend(o.logprobs)
+            into.prompt_logprobs = into.prompt_logprobs or o.prompt_logprobs
+    return list(merged.values())
 
 
 def _forward_params(model: Any) -> set[str]:

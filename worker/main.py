@@ -55,6 +55,52 @@ async def _listen_for_cancels(redis: Any, runtime: Runtime) -> None:
             await pubsub.aclose()
 
 
+class QueueWaker:
+    """Runs arq's poll at once when a gateway announces a job or a job of ours ends.
+
+    arq only polls on a timer; ``_poll_iteration`` is its poll (arq 0.28, pinned). Concurrent
+    polls are safe: arq claims each job with a WATCHed in-progress key.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+
+    def poke(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._again = True  # one more poll after the current one, so no wake-up is lost
+            return
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self._again = False
+            try:
+                await self._worker._poll_iteration()
+            except Exception:
+                log.exception("poll after wake-up failed")
+            if not self._again:
+                return
+
+
+async def _listen_for_wakeups(redis: Any, model: str, waker: QueueWaker) -> None:
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(wire.wake_channel(model))
+    try:
+        while True:
+            try:
+                message = await pubsub.get_message(timeout=1.0)
+            except (ConnectionError, OSError):
+                await asyncio.sleep(0.5)
+                continue
+            if message and message.get("type") == "message":
+                waker.poke()
+    finally:
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()
+
+
 async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> None:
     redis = await create_pool(
         RedisSettings.from_dsn(settings.redis_url),
@@ -76,6 +122,14 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
     runtime = Runtime(engine=engine, tokenizer=loaded.tokenizer, redis=redis, worker_id=worker_id,
                       context_length=loaded.context_length, max_request_tokens=info.max_request_tokens,
                       default_temperature=settings.default_temperature, default_top_p=settings.default_top_p)
+    waker: QueueWaker | None = None
+
+    async def after_job_end(ctx: dict[str, Any]) -> None:
+        # A row is free again: take the next queued job now rather than at the next tick. arq
+        # frees the row in a done-callback of this very task, so poke just after that has run.
+        if waker is not None:
+            asyncio.get_running_loop().call_later(0.001, waker.poke)
+
     worker = Worker(
         functions=[func(generate, name=wire.GENERATE_FUNCTION, max_tries=1, timeout=settings.job_timeout)],
         queue_name=wire.queue_name(settings.served_model_name),
@@ -89,11 +143,14 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
         keep_result=60,
         health_check_interval=60,
         ctx={"runtime": runtime},
+        after_job_end=after_job_end,
         log_results=False,
     )
+    waker = QueueWaker(worker)
     background = [
         asyncio.create_task(_heartbeat(redis, info)),
         asyncio.create_task(_listen_for_cancels(redis, runtime)),
+        asyncio.create_task(_listen_for_wakeups(redis, settings.served_model_name, waker)),
     ]
     log.info("worker %s serving %r on queue %s (batch %d, KV budget %d tokens)", worker_id,
              settings.served_model_name, wire.queue_name(settings.served_model_name), settings.max_batch_size, budget)

@@ -15,24 +15,11 @@ from worker.constraints import Grammars, GrammarSpec, output_vocab_size, spec_fo
 from worker.engine import ChoiceOutput, Engine, EngineError
 from worker.errors import InvalidRequest, WorkerError
 from worker.prompts import prepare
+from worker.publish import EventSink, Publisher
 from worker.sampling import Constraint, TokenLogprob
 from worker.token_bytes import TokenBytes
 
 log = logging.getLogger(__name__)
-
-
-class Publisher:
-    """Numbers one request's events; ``seq`` has no gaps, so the gateway can spot a lost one."""
-
-    def __init__(self, redis: Any, request_id: str) -> None:
-        self._redis = redis
-        self._channel = wire.events_channel(request_id)
-        self.seq = 0
-
-    async def send(self, build: Any, *args: Any, **kwargs: Any) -> None:
-        event = build(self.seq, *args, **kwargs)
-        self.seq += 1
-        await self._redis.publish(self._channel, wire.encode_event(event))
 
 
 class Runtime:
@@ -48,6 +35,7 @@ class Runtime:
         self.engine = engine
         self.tokenizer = tokenizer
         self.redis = redis
+        self.events = EventSink(redis)
         self.worker_id = worker_id
         self.context_length = context_length
         self.max_request_tokens = max_request_tokens
@@ -70,7 +58,7 @@ class Runtime:
 
     async def run(self, payload: dict[str, Any], job_try: int) -> None:
         request_id = str(payload.get("request_id", "unknown"))
-        out = Publisher(self.redis, request_id)
+        out = Publisher(self.events, request_id)
         try:
             job = wire.Job.from_dict(payload)
         except (TypeError, ValueError, KeyError) as exc:
