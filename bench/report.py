@@ -320,7 +320,13 @@ def write_docs(data: dict[str, Any], docs: Path, json_path: Path | None) -> tupl
             shown = json_path.resolve().relative_to(Path(__file__).resolve().parent.parent)
         except ValueError:
             shown = json_path
-    md.write_text(markdown(data, png.name, shown))
+    text = markdown(data, png.name, shown)
+    # Hand-written diagnosis and measurements from other commands live beside the generated file
+    # and are appended, so regenerating never loses them.
+    notes = docs / "benchmarks-notes.md"
+    if notes.exists():
+        text = text.rstrip("\n") + "\n\n" + notes.read_text()
+    md.write_text(text)
     return md, png
 
 
