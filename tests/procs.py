@@ -143,3 +143,17 @@ def wait_for_workers(redis_url: str, served_name: str, count: int, proc: Proc | 
         if proc is not None:
             print(proc.log()[-5000:])
         raise
+
+
+@contextlib.contextmanager
+def serving(redis_url: str, log_dir: Path, model: str, served_name: str, *worker_args: str) -> Iterator[str]:
+    """One worker holding ``model`` as ``served_name`` and one gateway; yields the gateway's base URL."""
+    worker = start_worker(redis_url, log_dir, model, served_name, *worker_args)
+    try:
+        gateway, base = start_gateway(redis_url, log_dir)
+        try:
+            yield base
+        finally:
+            gateway.stop()
+    finally:
+        worker.stop()

@@ -16,7 +16,7 @@ import openai
 import pytest
 import redis
 
-from tests.procs import Proc, start_gateway, start_worker
+from tests.procs import Proc, serving, start_worker
 from tokenrelay import wire
 
 MODEL = "tiny"
@@ -25,11 +25,8 @@ HELLO = [{"role": "user", "content": "Hello world! How are you today?"}]
 
 @pytest.fixture(scope="module")
 def stack(redis_url: str, log_dir: Path, tiny_model: Path) -> Iterator[str]:
-    worker = start_worker(redis_url, log_dir, str(tiny_model), MODEL, "--max-batch-size", "16")
-    gateway, base = start_gateway(redis_url, log_dir)
-    yield base
-    gateway.stop()
-    worker.stop()
+    with serving(redis_url, log_dir, str(tiny_model), MODEL, "--max-batch-size", "16") as base:
+        yield base
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.procs import start_gateway, start_worker
+from tests.procs import serving
 
 MODEL = "tiny-structured"
 HELLO = [{"role": "user", "content": "Hello world! How are you today?"}]
@@ -37,11 +37,8 @@ PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schem
 
 @pytest.fixture(scope="module")
 def stack(redis_url: str, log_dir: Path, tiny_model: Path) -> Iterator[str]:
-    worker = start_worker(redis_url, log_dir, str(tiny_model), MODEL, "--max-batch-size", "16")
-    gateway, base = start_gateway(redis_url, log_dir)
-    yield base
-    gateway.stop()
-    worker.stop()
+    with serving(redis_url, log_dir, str(tiny_model), MODEL, "--max-batch-size", "16") as base:
+        yield base
 
 
 @pytest.fixture()

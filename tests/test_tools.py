@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.procs import start_gateway, start_worker
+from tests.procs import serving
 from tokenrelay import wire
 from worker import tools
 from worker.tools import ToolCallParser, parse_tool_calls
@@ -233,11 +233,8 @@ def test_gateway_shapes_for_tool_calls() -> None:
 
 @pytest.fixture(scope="module")
 def stack(redis_url: str, log_dir: Path, tiny_model: Path) -> Iterator[str]:
-    worker = start_worker(redis_url, log_dir, str(tiny_model), MODEL, "--max-batch-size", "16")
-    gateway, base = start_gateway(redis_url, log_dir)
-    yield base
-    gateway.stop()
-    worker.stop()
+    with serving(redis_url, log_dir, str(tiny_model), MODEL, "--max-batch-size", "16") as base:
+        yield base
 
 
 @pytest.fixture()

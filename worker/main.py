@@ -10,6 +10,7 @@ import socket
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from arq.connections import RedisSettings, create_pool
@@ -37,9 +38,10 @@ async def _heartbeat(redis: Any, info: wire.WorkerInfo) -> None:
         await asyncio.sleep(wire.HEARTBEAT_INTERVAL_S)
 
 
-async def _listen_for_cancels(redis: Any, runtime: Runtime) -> None:
+async def _listen(redis: Any, channel: str, on_message: Callable[[str], None]) -> None:
+    """Call ``on_message`` with each message on ``channel``; rides out Redis restarts."""
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(wire.CANCEL_CHANNEL)
+    await pubsub.subscribe(channel)
     try:
         while True:
             try:
@@ -49,7 +51,7 @@ async def _listen_for_cancels(redis: Any, runtime: Runtime) -> None:
                 continue
             if message and message.get("type") == "message":
                 data = message["data"]
-                runtime.cancel(data.decode() if isinstance(data, bytes) else str(data))
+                on_message(data.decode() if isinstance(data, bytes) else str(data))
     finally:
         with contextlib.suppress(Exception):
             await pubsub.aclose()
@@ -82,23 +84,6 @@ class QueueWaker:
                 log.exception("poll after wake-up failed")
             if not self._again:
                 return
-
-
-async def _listen_for_wakeups(redis: Any, model: str, waker: QueueWaker) -> None:
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(wire.wake_channel(model))
-    try:
-        while True:
-            try:
-                message = await pubsub.get_message(timeout=1.0)
-            except (ConnectionError, OSError):
-                await asyncio.sleep(0.5)
-                continue
-            if message and message.get("type") == "message":
-                waker.poke()
-    finally:
-        with contextlib.suppress(Exception):
-            await pubsub.aclose()
 
 
 async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> None:
@@ -149,8 +134,8 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
     waker = QueueWaker(worker)
     background = [
         asyncio.create_task(_heartbeat(redis, info)),
-        asyncio.create_task(_listen_for_cancels(redis, runtime)),
-        asyncio.create_task(_listen_for_wakeups(redis, settings.served_model_name, waker)),
+        asyncio.create_task(_listen(redis, wire.CANCEL_CHANNEL, runtime.cancel)),
+        asyncio.create_task(_listen(redis, wire.wake_channel(settings.served_model_name), lambda _: waker.poke())),
     ]
     log.info("worker %s serving %r on queue %s (batch %d, KV budget %d tokens)", worker_id,
              settings.served_model_name, wire.queue_name(settings.served_model_name), settings.max_batch_size, budget)

@@ -11,17 +11,14 @@ import openai
 import pytest
 
 from tests.conformance.support import MODEL, client_for
-from tests.procs import start_gateway, start_worker
+from tests.procs import serving
 
 
 @pytest.fixture(scope="package")
 def conf_stack(redis_url: str, log_dir: Path, tiny_model: Path) -> Iterator[str]:
     """The gateway's base URL (``http://127.0.0.1:PORT``), its worker holding the tiny model."""
-    worker = start_worker(redis_url, log_dir, str(tiny_model), MODEL, "--max-batch-size", "16")
-    gateway, base = start_gateway(redis_url, log_dir)
-    yield base
-    gateway.stop()
-    worker.stop()
+    with serving(redis_url, log_dir, str(tiny_model), MODEL, "--max-batch-size", "16") as base:
+        yield base
 
 
 @pytest.fixture()
