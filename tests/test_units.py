@@ -116,3 +116,31 @@ def test_logprobs_are_raw_model_logprobs() -> None:
     assert lps[0] is not None
     assert lps[0].token_id == 0 and lps[0].logprob == pytest.approx(float(expected[0]))
     assert [t for t, _ in lps[0].top] == [0, 1]
+
+
+def test_kv_budget_refuses_what_can_never_fit() -> None:
+    """prompt + max_tokens over the worker's KV budget is a 400, not a request queued forever."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from tests.models import make_tiny_llama
+    from tokenrelay.wire import Job
+    from worker.errors import ContextLengthExceeded
+    from worker.prompts import prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = AutoTokenizer.from_pretrained(make_tiny_llama(Path(tmp)))
+
+    def job(max_tokens: int | None) -> Job:
+        return Job(request_id="r", model="m", kind="completion", deadline=time.time() + 5, prompts=["Hello world"],
+                   sampling=SamplingParams(max_tokens=max_tokens))
+
+    fits = prepare(tok, job(10), context_length=4096, max_request_tokens=64)
+    assert fits.max_tokens == [10]
+    assert prepare(tok, job(None), context_length=4096, max_request_tokens=64).max_tokens == [64 - len(fits.ids[0])]
+    with pytest.raises(ContextLengthExceeded, match="per-request token limit is 64") as exc:
+        prepare(tok, job(100), context_length=4096, max_request_tokens=64)
+    assert exc.value.status == 400 and exc.value.param == "max_tokens"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
@@ -78,6 +79,7 @@ def _start_redis(url: str, procs: list[subprocess.Popen[bytes]]) -> str:
         raise config.ConfigError(f"--redis-url: {url} does not answer and redis-server is not installed")
     port = _free_port(urlparse(url).port or 6379)
     data_dir = tempfile.mkdtemp(prefix="tokenrelay-redis-")
+    atexit.register(shutil.rmtree, data_dir, True)
     procs.append(subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", data_dir],
         stdout=subprocess.DEVNULL,
