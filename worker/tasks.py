@@ -41,15 +41,18 @@ class Runtime:
         self.max_request_tokens = max_request_tokens
         self.default_temperature = default_temperature
         self.default_top_p = default_top_p
-        self.cancelled: set[str] = set()
+        self.active: set[str] = set()  # requests this worker is running now
+        self.cancelled: set[str] = set()  # of those, the ones whose client left
         self._token_text: dict[int, str] = {}
         self._token_bytes = TokenBytes(tokenizer)
         self._grammars: Grammars | None = None
         self._grammars_lock = asyncio.Lock()
 
     def cancel(self, request_id: str) -> None:
-        self.cancelled.add(request_id)
-        self.engine.cancel(request_id)
+        # Every worker hears every cancel; only remember our own, or the set would grow forever.
+        if request_id in self.active:
+            self.cancelled.add(request_id)
+            self.engine.cancel(request_id)
 
     async def _abandoned(self, job: wire.Job) -> bool:
         if time.time() > job.deadline:
@@ -65,7 +68,16 @@ class Runtime:
             await out.send(wire.error_event, status=400, message=f"malformed job: {exc}",
                            type_="invalid_request_error")
             return
-        if job_try > 1 or await self._abandoned(job):
+        self.active.add(request_id)
+        try:
+            await self._run(job, job_try, out)
+        finally:
+            self.active.discard(request_id)
+            self.cancelled.discard(request_id)
+
+    async def _run(self, job: wire.Job, job_try: int, out: Publisher) -> None:
+        request_id = job.request_id
+        if job_try > 1 or await self._abandoned(job) or request_id in self.cancelled:
             # The gateway gave up on it (client gone, deadline passed, or a worker died on it).
             log.info("dropping %s: abandoned before start (try %d)", request_id, job_try)
             return
@@ -84,8 +96,6 @@ class Runtime:
         except Exception as exc:
             log.exception("request %s failed", request_id)
             await out.send(wire.error_event, status=500, message=f"internal error: {type(exc).__name__}")
-        finally:
-            self.cancelled.discard(request_id)
 
     async def _grammar_engine(self, param: str) -> Grammars:
         """xgrammar's tokenizer index, built on the first structured request (seconds for a big
