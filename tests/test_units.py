@@ -144,3 +144,15 @@ def test_kv_budget_refuses_what_can_never_fit() -> None:
     with pytest.raises(ContextLengthExceeded, match="per-request token limit is 64") as exc:
         prepare(tok, job(100), context_length=4096, max_request_tokens=64)
     assert exc.value.status == 400 and exc.value.param == "max_tokens"
+
+
+def test_piled_up_outputs_merge_per_choice() -> None:
+    from worker.outputs import ChoiceOutput, merge
+    from worker.sampling import TokenLogprob
+
+    lp = [TokenLogprob(i, -float(i), []) for i in range(3)]
+    merged = merge([ChoiceOutput(0, "a", 1, None, [lp[0]]), ChoiceOutput(1, "x", 1),
+                    ChoiceOutput(0, "b", 1, None, [lp[1]]), ChoiceOutput(0, "c", 1, "length", [lp[2]])])
+    summary = [(o.index, o.text, o.tokens, o.finish_reason) for o in merged]
+    assert summary == [(0, "abc", 3, "length"), (1, "x", 1, None)]
+    assert [t.token_id for t in merged[0].logprobs] == [0, 1, 2]

@@ -23,21 +23,10 @@ import torch
 from tokenrelay.wire import SamplingParams
 from worker.detokenize import IncrementalDetokenizer, StopText
 from worker.kvbatch import KVBatch
+from worker.outputs import ChoiceOutput, merge
 from worker.sampling import Constraint, RowState, TokenLogprob, sample
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ChoiceOutput:
-    index: int
-    text: str
-    tokens: int
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    # With echo + logprobs: one entry per prompt token (None for the first, which has no context),
-    # sent once, with the choice's first output.
-    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class EngineError(RuntimeError):
@@ -180,7 +169,7 @@ class Engine:
                     else:
                         outputs.extend(item)
                 if outputs:
-                    yield _merge(outputs)
+                    yield merge(outputs)
         finally:
             if not finished:
                 self.cancel(request_id)
@@ -393,23 +382,6 @@ class Engine:
             if request.unfinished == 0:
                 request.send(_END)
         return keep
-
-
-def _merge(outputs: list[ChoiceOutput]) -> list[ChoiceOutput]:
-    """One output per choice, in order: texts joined, token counts summed."""
-    merged: dict[int, ChoiceOutput] = {}
-    for o in outputs:
-        into = merged.get(o.index)
-        if into is None:
-            merged[o.index] = ChoiceOutput(o.index, o.text, o.tokens, o.finish_reason, list(o.logprobs),
-                                           o.prompt_logprobs)
-        else:
-            into.text += o.text
-            into.tokens += o.tokens
-            into.finish_reason = o.finish_reason or into.finish_reason
-            into.logprobs.extend(o.logprobs)
-            into.prompt_logprobs = into.prompt_logprobs or o.prompt_logprobs
-    return list(merged.values())
 
 
 def _forward_params(model: Any) -> set[str]:

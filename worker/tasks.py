@@ -12,8 +12,9 @@ from typing import Any
 from tokenrelay import wire
 from worker import tools
 from worker.constraints import Grammars, GrammarSpec, output_vocab_size, spec_for_response_format
-from worker.engine import ChoiceOutput, Engine, EngineError
+from worker.engine import Engine, EngineError
 from worker.errors import InvalidRequest, WorkerError
+from worker.outputs import ChoiceOutput
 from worker.prompts import prepare
 from worker.publish import EventSink, Publisher
 from worker.sampling import Constraint, TokenLogprob
