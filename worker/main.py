@@ -14,11 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 from arq.connections import RedisSettings, create_pool
-from arq.worker import Worker, func
+from arq.worker import func
 
 from tokenrelay import wire
 from worker.engine import Engine
 from worker.loading import Loaded, load
+from worker.queue import BatchWorker, QueueWaker
 from worker.settings import WorkerSettings
 from worker.tasks import Runtime, generate
 
@@ -57,35 +58,6 @@ async def _listen(redis: Any, channel: str, on_message: Callable[[str], None]) -
             await pubsub.aclose()
 
 
-class QueueWaker:
-    """Runs arq's poll at once when a gateway announces a job or a job of ours ends.
-
-    arq only polls on a timer; ``_poll_iteration`` is its poll (arq 0.28, pinned). Concurrent
-    polls are safe: arq claims each job with a WATCHed in-progress key.
-    """
-
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-        self._task: asyncio.Task[None] | None = None
-        self._again = False
-
-    def poke(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._again = True  # one more poll after the current one, so no wake-up is lost
-            return
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            self._again = False
-            try:
-                await self._worker._poll_iteration()
-            except Exception:
-                log.exception("poll after wake-up failed")
-            if not self._again:
-                return
-
-
 async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> None:
     redis = await create_pool(
         RedisSettings.from_dsn(settings.redis_url),
@@ -115,13 +87,15 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
         if waker is not None:
             asyncio.get_running_loop().call_later(0.001, waker.poke)
 
-    worker = Worker(
+    worker = BatchWorker(
         functions=[func(generate, name=wire.GENERATE_FUNCTION, max_tries=1, timeout=settings.job_timeout)],
         queue_name=wire.queue_name(settings.served_model_name),
         redis_pool=redis,
         # A job is only taken when the engine has a free row, so a busy worker leaves the rest
         # in Redis for other workers.
         max_jobs=settings.max_batch_size,
+        # Read past the jobs other workers are running, or a free row could starve behind them.
+        queue_read_limit=4 * settings.max_batch_size,
         poll_delay=settings.poll_delay,
         job_serializer=wire.serialize_job,
         job_deserializer=wire.deserialize_job,
