@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import platform
 import sys
@@ -31,7 +30,7 @@ from bench.procinfo import ForeignCpu
 from bench.prompts import chat_messages, prompt_ids
 from bench.schedule import PerUsers, users_list
 from bench.static_batch import run_static_batch
-from bench.stats import RequestRecord, Result, summarize
+from bench.stats import RequestRecord, Result, print_json, summarize
 from tokenrelay.wire import SamplingParams
 from worker.engine import Engine
 
@@ -225,11 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         "skipped": skipped,
         "total_s": round(time.perf_counter() - t0, 2),
     }
-    text = json.dumps(report, indent=2)
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            fh.write(text + "\n")
-    print(text)
+    print_json(report, args.json_out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import httpx
 
 from bench.prompts import chat_messages
 from bench.schedule import PerUsers, users_list
-from bench.stats import RequestRecord, Result, summarize
+from bench.stats import RequestRecord, Result, print_json, summarize
 
 
 def _body(
@@ -216,12 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             out.append(res)
         return out
 
-    results = [r.to_dict() for r in asyncio.run(go())]
-    text = json.dumps(results, indent=2)
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            fh.write(text + "\n")
-    print(text)
+    print_json([r.to_dict() for r in asyncio.run(go())], args.json_out)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,21 @@ from collections.abc import Callable
 from typing import Any
 
 
-def status_kib(pid: int, field: str) -> int | None:
-    """A ``/proc/<pid>/status`` field in KiB (``VmRSS``, ``VmHWM``); None when gone."""
+def _kib_field(path: str, field: str) -> int | None:
+    """A ``Name:  N kB`` line of a /proc file, in KiB; None when the file or the field is gone."""
     try:
-        with open(f"/proc/{pid}/status") as fh:
+        with open(path) as fh:
             for line in fh:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def status_kib(pid: int, field: str) -> int | None:
+    """A ``/proc/<pid>/status`` field in KiB (``VmRSS``, ``VmHWM``); None when gone."""
+    return _kib_field(f"/proc/{pid}/status", field)
 
 
 class RssSampler:
@@ -80,14 +85,7 @@ def machine() -> dict[str, Any]:
 
 
 def status_meminfo(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return _kib_field("/proc/meminfo", field)
 
 
 def load_average() -> float:

@@ -9,6 +9,7 @@ tok/s: all output tokens / wall time from the first request sent to the last one
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -101,3 +102,12 @@ def summarize(system: str, users: int, records: list[RequestRecord], wall_s: flo
         error_samples=samples,
         note=note,
     )
+
+
+def print_json(report: object, path: str | None) -> None:
+    """Print a benchmark's JSON report, and write it to ``path`` when one is given."""
+    text = json.dumps(report, indent=2)
+    if path:
+        with open(path, "w") as fh:
+            fh.write(text + "\n")
+    print(text)

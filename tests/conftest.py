@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from tests.procs import redis_server
@@ -32,3 +33,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture()
+def client(stack: str) -> openai.OpenAI:
+    """The official SDK, no retries, on the module's ``stack`` fixture (its gateway's base URL)."""
+    return openai.OpenAI(base_url=stack + "/v1", api_key="x", max_retries=0, timeout=60)

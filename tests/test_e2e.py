@@ -29,11 +29,6 @@ def stack(redis_url: str, log_dir: Path, tiny_model: Path) -> Iterator[str]:
         yield base
 
 
-@pytest.fixture()
-def client(stack: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack + "/v1", api_key="x", max_retries=0, timeout=60)
-
-
 def chat(client: openai.OpenAI, **kwargs: object) -> tuple[str, str | None, object]:
     kwargs.setdefault("model", MODEL)
     kwargs.setdefault("messages", HELLO)

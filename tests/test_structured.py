@@ -41,11 +41,6 @@ def stack(redis_url: str, log_dir: Path, tiny_model: Path) -> Iterator[str]:
         yield base
 
 
-@pytest.fixture()
-def client(stack: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack + "/v1", api_key="x", max_retries=0, timeout=60)
-
-
 def create(client: openai.OpenAI, **kwargs: Any) -> Any:
     kwargs.setdefault("model", MODEL)
     kwargs.setdefault("messages", HELLO)
