@@ -346,7 +346,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch-size", type=int, default=64, help="tokenrelay's and the engine's batch rows")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}, or none")
     p.add_argument("--model-dir", default=None, help="safetensors folder (default: the converted default GGUF)")
     p.add_argument("--rss-users", type=int, default=32, help="sample the worker's RSS at this concurrency")
     p.add_argument("--overhead-users", type=int, default=32)
@@ -368,7 +368,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-docs", action="store_true", help="only the JSON under bench/results/")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
-    unknown = set(args.systems.split(",")) - set(SYSTEMS)
+    unknown = set(args.systems.split(",")) - set(SYSTEMS) - {"none"}
     if unknown:
         p.error(f"--systems: unknown {sorted(unknown)}; choose from {SYSTEMS}")
     args.system_list = [s for s in SYSTEMS if s in args.systems.split(",")]

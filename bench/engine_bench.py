@@ -32,6 +32,7 @@ from bench.schedule import PerUsers, users_list
 from bench.static_batch import run_static_batch
 from bench.stats import RequestRecord, Result, print_json, summarize
 from tokenrelay.wire import SamplingParams
+from worker.cpu_kernels import restore_linears, use_onednn_linears
 from worker.engine import Engine
 
 _ids = itertools.count()
@@ -139,6 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
     p.add_argument("--max-batch-size", type=int, default=0, help="engine rows (0: the largest --users)")
     p.add_argument("--kv-cache-tokens", type=int, default=65536)
+    p.add_argument(
+        "--cpu-linear",
+        choices=["onednn", "torch"],
+        default="onednn",
+        help="the engine's float32 CPU linears, as the worker's flag (plain generate always uses torch's)",
+    )
     p.add_argument("--no-plain-generate", action="store_true", help="skip the static-batch baseline")
     p.add_argument("--no-engine", action="store_true", help="only the static-batch baseline")
     p.add_argument("--budget-seconds", type=float, default=None, help="whole-run time limit (see above)")
@@ -171,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
 
     async def run_points() -> None:
         if engine is not None:
+            if args.cpu_linear == "onednn":
+                use_onednn_linears(bm.model)
             # As loadgen's warm-up: one full-length request, then 4 concurrent short ones.
             await run_engine_load(engine, prompts, 1, 1, args.max_tokens, system="warmup")
             await run_engine_load(engine, prompts, 4, 1, min(16, args.max_tokens), system="warmup")
@@ -187,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                 foreign = ForeignCpu(lambda: [os.getpid()]).__enter__()
                 if name == "engine":
                     assert engine is not None
+                    if args.cpu_linear == "onednn":
+                        use_onednn_linears(bm.model)
                     deadline = budget_end
                     if args.duration:
                         cap = time.perf_counter() + args.duration
@@ -200,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                         deadline=deadline,
                     )
                 else:
+                    restore_linears(bm.model)
                     res = run_static_batch(bm, users, args.max_tokens, args.device)
                 foreign.__exit__(None, None, None)
                 print(_line(res), file=sys.stderr, flush=True)

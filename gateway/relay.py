@@ -22,7 +22,6 @@ a job no worker has started yet is also removed from the queue (see ``publish_ca
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -31,9 +30,10 @@ from typing import Any
 from arq.jobs import Job as ArqJob
 from arq.jobs import JobStatus
 from redis.exceptions import RedisError, WatchError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.enqueue import ID_TAKEN, QUEUE_FULL, Enqueuer
 from gateway.errors import OpenAIError, queue_full, queue_timeout_error, server_error
+from gateway.subscriber import Inbox, Subscriber
 from tokenrelay import wire
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ LIVENESS_INTERVAL_S = 1.0
 # The worker publishes its last event before its arq function returns; a finished job whose last
 # event we have not read yet gets this long for the message to arrive.
 FINISH_GRACE_S = 0.3
-SUBSCRIBE_TIMEOUT_S = 5.0
 
 Event = dict[str, Any]
 
@@ -66,36 +65,28 @@ class Relay:
         self.queue_timeout = queue_timeout
         self.max_queue_length = max_queue_length
         self._open: set[EventStream] = set()
+        self._enqueue = Enqueuer(redis)
+        self._subscriber = Subscriber(redis)
 
     async def open(self, job: wire.Job) -> EventStream:
         """Subscribe, enqueue, and return the stream of the job's events. Close it when done."""
-        if self.max_queue_length:
-            # Backpressure: a bounded queue answers 429 (the SDKs back off and retry) instead of
-            # letting waits grow without limit. The count includes jobs being generated.
-            waiting = int(await self._redis.zcard(wire.queue_name(job.model)))
-            if waiting >= self.max_queue_length:
-                raise queue_full(job.model, waiting)
-        stream = EventStream(self._redis, self._redis.pubsub(), job, self.queue_timeout)
+        stream = EventStream(self._redis, job, self.queue_timeout)
         self._open.add(stream)
         stream.on_closed = self._open.discard
         try:
-            await stream.pubsub.subscribe(wire.events_channel(job.request_id))
-            await _confirm_subscribed(stream.pubsub)
+            stream.inbox = await self._subscriber.subscribe(wire.events_channel(job.request_id))
             stream.enqueued = True  # from here on a worker may hold it: cancel if we give up
-            enqueued = await self._redis.enqueue_job(
-                wire.GENERATE_FUNCTION,
-                job.to_dict(),
-                _job_id=job.request_id,
-                _queue_name=wire.queue_name(job.model),
-                _expires=self.queue_timeout,
-            )
-            if enqueued is not None:
-                # arq polls; the wake-up lets a worker start the job now instead of up to
-                # --poll-delay later. Losing it only costs that delay.
-                await self._redis.publish(wire.wake_channel(job.model), b"")
-            else:
-                message = f"Request id {job.request_id} is already in use."
-                raise server_error(500, message, "duplicate_request")
+            # Backpressure: a bounded queue answers 429 (the SDKs back off and retry) instead of
+            # letting waits grow without limit; the count includes jobs being generated. The
+            # script also publishes the wake-up that lets a worker start the job now instead of
+            # up to --poll-delay later.
+            outcome, waiting = await self._enqueue(job, self.queue_timeout, self.max_queue_length)
+            if outcome == QUEUE_FULL:
+                stream.enqueued = False
+                raise queue_full(job.model, waiting)
+            if outcome == ID_TAKEN:
+                stream.enqueued = False
+                raise server_error(500, f"Request id {job.request_id} is already in use.", "duplicate_request")
         except BaseException:
             await stream.aclose()
             raise
@@ -109,15 +100,7 @@ class Relay:
             await asyncio.sleep(0.01)
         if self._open:
             log.warning("%d request(s) still open at shutdown", len(self._open))
-
-
-async def _confirm_subscribed(pubsub: Any) -> None:
-    deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
-    while (left := deadline - time.monotonic()) > 0:
-        message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=left)
-        if message is not None and message["type"] == "subscribe":
-            return
-    raise RedisTimeoutError("Redis did not confirm the SUBSCRIBE")
+        await self._subscriber.aclose()
 
 
 async def publish_cancel(redis: Any, request_id: str, queue_name: str | None = None) -> None:
@@ -157,8 +140,8 @@ def _queue_cancel(pipe: Any, request_id: str) -> None:
 class EventStream:
     """The events of one job, checked: in order, from a live worker, within the deadlines."""
 
-    def __init__(self, redis: Any, pubsub: Any, job: wire.Job, queue_timeout: float) -> None:
-        self.pubsub = pubsub
+    def __init__(self, redis: Any, job: wire.Job, queue_timeout: float) -> None:
+        self.inbox: Inbox | None = None  # set once Redis confirmed the subscription
         self.request_id = job.request_id
         self.worker_id: str | None = None
         self.ended = False  # the worker sent done or error: nothing to cancel
@@ -223,13 +206,14 @@ class EventStream:
         return None if event is None else self._accept(event)
 
     async def _receive(self, wait: float) -> Event | None:
-        message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=max(wait, 0.0))
-        if message is None or message.get("type") != "message":
+        assert self.inbox is not None
+        data = await self.inbox.get(max(wait, 0.0))
+        if data is None:
             return None
         try:
-            return wire.parse_event(message["data"])
+            return wire.parse_event(data)
         except ValueError:
-            log.error("%s: unreadable event %r", self.request_id, message["data"])
+            log.error("%s: unreadable event %r", self.request_id, data)
             raise _events_lost("a worker sent an unreadable event") from None
 
     def _accept(self, event: Event) -> Event:
@@ -276,12 +260,9 @@ class EventStream:
                 await publish_cancel(self._redis, self.request_id, queue)
         except (RedisError, OSError) as exc:
             log.warning("%s: could not publish the cancel: %s", self.request_id, exc)
-        with contextlib.suppress(RedisError, OSError):  # the connection is closed below either way
-            await self.pubsub.unsubscribe()
         try:
-            await self.pubsub.aclose()
-        except (RedisError, OSError) as exc:
-            log.warning("%s: closing the subscription failed: %s", self.request_id, exc)
+            if self.inbox is not None:
+                await self.inbox.aclose()
         finally:
             self.on_closed(self)
 

@@ -156,3 +156,51 @@ def test_piled_up_outputs_merge_per_choice() -> None:
     summary = [(o.index, o.text, o.tokens, o.finish_reason) for o in merged]
     assert summary == [(0, "abc", 3, "length"), (1, "x", 1, None)]
     assert [t.token_id for t in merged[0].logprobs] == [0, 1, 2]
+
+
+def test_onednn_linears_match_torch_and_can_be_undone(tiny_model: object) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from worker.cpu_kernels import restore_linears, use_onednn_linears
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+        assert use_onednn_linears(model) == len(linears) > 0
+        got = model(input_ids=ids).logits
+        one_row = model(input_ids=ids[:1, :1]).logits  # a single row keeps torch's kernel here
+    assert torch.allclose(got, expected, atol=1e-4) and not torch.equal(got, torch.zeros_like(got))
+    assert torch.allclose(one_row, expected[:1, :1], atol=1e-4)
+    # With gradients on, the layers fall back to torch's kernel (oneDNN's op has no backward).
+    model.train()
+    model(input_ids=ids).logits.sum().backward()
+    assert linears[0].weight.grad is not None
+    restore_linears(model)
+    assert all("forward" not in m.__dict__ for m in linears)
+
+
+def test_cpu_linear_setting_is_strict() -> None:
+    assert WorkerSettings.from_values(config.resolve(OPTIONS, {"model": "m"}, {})).cpu_linear == "onednn"
+    values = config.resolve(OPTIONS, {"model": "m"}, {"TOKENRELAY_CPU_LINEAR": "torch"})
+    assert WorkerSettings.from_values(values).cpu_linear == "torch"
+    with pytest.raises(config.ConfigError, match="--cpu-linear"):
+        config.resolve(OPTIONS, {"model": "m", "cpu_linear": "mkl"}, {})
+
+
+def test_worker_openmp_threads_sleep_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenrelay.cli import openmp_defaults
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    openmp_defaults()
+    import os
+
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    openmp_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    # It must run before torch loads, so the worker's settings must not import torch.
+    code = "import sys, tokenrelay.cli, worker.settings; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

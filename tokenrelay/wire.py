@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 
 PROTOCOL_VERSION = 1
 GENERATE_FUNCTION = "generate"
@@ -56,14 +56,19 @@ def worker_key(worker_id: str) -> str:
     return f"{_PREFIX}:worker:{worker_id}"
 
 
-# arq's own keys for a job (the job id is the request id): the job's payload, and the marker a
-# worker sets when it takes the job. The gateway reads them to withdraw a job nobody started.
+# arq's own keys for a job (the job id is the request id): the job's payload, the marker a worker
+# sets when it takes the job, and its result. The gateway writes the first itself (one round trip)
+# and reads the others to refuse a taken id and to withdraw a job nobody started.
 def arq_job_key(request_id: str) -> str:
     return f"{job_key_prefix}{request_id}"
 
 
 def arq_in_progress_key(request_id: str) -> str:
     return f"{in_progress_key_prefix}{request_id}"
+
+
+def arq_result_key(request_id: str) -> str:
+    return f"{result_key_prefix}{request_id}"
 
 
 def serialize_job(data: dict[str, Any]) -> bytes:

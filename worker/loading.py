@@ -100,6 +100,11 @@ def load(settings: WorkerSettings) -> Loaded:
         kwargs["quantization_config"] = quant
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.eval()
+    if settings.cpu_linear == "onednn":
+        from worker.cpu_kernels import use_onednn_linears
+
+        if count := use_onednn_linears(model):
+            log.info("%d float32 CPU linear layers run on oneDNN (--cpu-linear torch: MKL)", count)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(tokenizer, "model_max_length", 2048))
     eos: set[int] = set()

@@ -15,6 +15,7 @@ from typing import Any
 
 from arq.connections import RedisSettings, create_pool
 from arq.worker import func
+from redis.exceptions import RedisError
 
 from tokenrelay import wire
 from worker.engine import Engine
@@ -122,7 +123,9 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
             task.cancel()
         with contextlib.suppress(Exception):
             await redis.delete(wire.worker_key(worker_id))
-        await worker.close()
+        # Redis may already be gone (``up`` stops it last, but a user's may not wait for us).
+        with contextlib.suppress(RedisError, OSError):
+            await worker.close()
 
 
 def run(settings: WorkerSettings) -> None:
