@@ -188,19 +188,3 @@ def test_cpu_linear_setting_is_strict() -> None:
     with pytest.raises(config.ConfigError, match="--cpu-linear"):
         config.resolve(OPTIONS, {"model": "m", "cpu_linear": "mkl"}, {})
 
-
-def test_worker_openmp_threads_sleep_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tokenrelay.cli import openmp_defaults
-
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    openmp_defaults()
-    import os
-
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    openmp_defaults()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
-    # It must run before torch loads, so the worker's settings must not import torch.
-    code = "import sys, tokenrelay.cli, worker.settings; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from tokenrelay import config
@@ -25,18 +24,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def openmp_defaults() -> None:
-    """Before torch loads: idle OpenMP threads sleep instead of spinning.
-
-    libgomp's default keeps torch's intra-op threads spinning for a while after every operator.
-    A worker shares the CPUs with its own event loop (and, on one machine, with Redis and the
-    gateway): measured here with a small model, the spinning took ~60% of the worker's CPU time
-    and halved what the whole path delivered, while SmolLM2's own speed did not change
-    (docs/benchmarks-notes.md). An OMP_WAIT_POLICY the user set is kept.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
@@ -54,7 +41,6 @@ def main(argv: list[str] | None = None) -> None:
             from worker.settings import WorkerSettings
 
             worker_settings = WorkerSettings.from_values(config.resolve(WORKER_OPTIONS, args))
-            openmp_defaults()
             from worker.main import run as run_worker
 
             run_worker(worker_settings)
