@@ -32,7 +32,7 @@ from typing import Any
 from bench import peers
 from bench.loadgen import run_load, warm_up
 from bench.procinfo import ForeignCpu, RssSampler, load_average, machine, status_kib, wait_until_quiet
-from bench.schedule import PerUsers, users_list
+from bench.schedule import add_requests_per_user, users_list
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ["tokenrelay", "engine", "plain_generate", "transformers_serve", "llama_cpp"]
@@ -239,18 +239,21 @@ def engine_bench(
 def system_in_process(run: Run, engine: bool, plain: bool) -> dict[str, list[dict[str, Any]]]:
     if run.args.wait_quiet > 0:
         wait_until_quiet(lambda: [os.getpid()], run.args.retry_disturbed or 15.0, run.args.wait_quiet)
-    report = engine_bench(
-        run.model_dir,
-        run.args.users,
-        str(run.args.requests_per_user),
-        run.args.max_tokens,
-        run.log_dir / "engine_bench.json",
-        run.log_dir / "engine_bench.log",
-        engine=engine,
-        plain=plain,
-        max_batch_size=run.args.max_batch_size,
-        duration=run.args.duration,
-    )
+    def measure(users: list[int], name: str) -> dict[str, Any]:
+        return engine_bench(
+            run.model_dir,
+            users,
+            str(run.args.requests_per_user),
+            run.args.max_tokens,
+            run.log_dir / f"{name}.json",
+            run.log_dir / f"{name}.log",
+            engine=engine,
+            plain=plain,
+            max_batch_size=run.args.max_batch_size,
+            duration=run.args.duration,
+        )
+
+    report = measure(run.args.users, "engine_bench")
     limit = run.args.retry_disturbed
     again = [
         p["users"]
@@ -259,18 +262,7 @@ def system_in_process(run: Run, engine: bool, plain: bool) -> dict[str, list[dic
     ]
     if again:
         log(f"  disturbed points (users {again}): measuring those again")
-        second = engine_bench(
-            run.model_dir,
-            again,
-            str(run.args.requests_per_user),
-            run.args.max_tokens,
-            run.log_dir / "engine_bench_retry.json",
-            run.log_dir / "engine_bench_retry.log",
-            engine=engine,
-            plain=plain,
-            max_batch_size=run.args.max_batch_size,
-            duration=run.args.duration,
-        )
+        second = measure(again, "engine_bench_retry")
         retried = {p["users"]: p for p in second["points"]}
         for point in report["points"]:
             for key in ("engine", "plain_generate"):
@@ -334,12 +326,7 @@ def measure_overhead(run: Run) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
     p.add_argument("--users", type=users_list, default=[1, 4, 8, 16, 32, 64])
-    p.add_argument(
-        "--requests-per-user",
-        type=PerUsers,
-        default=PerUsers("1:3,4:2,16:2,32:2,64:1"),
-        help="N, or per concurrency USERS:N,... (a level uses the nearest entry at or below it)",
-    )
+    add_requests_per_user(p, "1:3,4:2,16:2,32:2,64:1")
     p.add_argument("--duration", type=float, default=45.0, help="per point: no request starts after this (s)")
     p.add_argument(
         "--hard-cap", type=float, default=90.0, help="per point: requests still running after this (s) are cut"

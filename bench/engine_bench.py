@@ -28,7 +28,7 @@ import torch
 from bench.models import BenchModel, load_model
 from bench.procinfo import ForeignCpu
 from bench.prompts import chat_messages, prompt_ids
-from bench.schedule import PerUsers, users_list
+from bench.schedule import PerUsers, add_requests_per_user, users_list
 from bench.static_batch import run_static_batch
 from bench.stats import RequestRecord, Result, print_json, summarize
 from tokenrelay.wire import SamplingParams
@@ -127,12 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         help="folder with config.json + tokenizer files: build the model with random weights",
     )
     p.add_argument("--users", type=users_list, default=[1, 16, 64, 128])
-    p.add_argument(
-        "--requests-per-user",
-        type=PerUsers,
-        default=PerUsers("2"),
-        help="N, or per concurrency: 1:3,32:2,64:1",
-    )
+    add_requests_per_user(p, "2")
     p.add_argument("--duration", type=float, default=None, help="per point: no request starts after this many seconds")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from bench.prompts import chat_messages
-from bench.schedule import PerUsers, users_list
+from bench.schedule import add_requests_per_user, users_list
 from bench.stats import RequestRecord, Result, print_json, summarize
 
 
@@ -170,12 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", required=True)
     p.add_argument("--users", type=users_list, default=[1], help="comma-separated concurrency levels")
-    p.add_argument(
-        "--requests-per-user",
-        type=PerUsers,
-        default=PerUsers("2"),
-        help="N, or per concurrency: 1:3,32:2,64:1",
-    )
+    add_requests_per_user(p, "2")
     p.add_argument("--duration", type=float, default=None, help="stop starting requests after this many seconds")
     p.add_argument("--hard-cap", type=float, default=None, help="cut requests still running after this many s")
     p.add_argument("--max-tokens", type=int, default=64)

@@ -44,3 +44,13 @@ class PerUsers:
 
     def __str__(self) -> str:
         return self.text
+
+
+def add_requests_per_user(parser: argparse.ArgumentParser, default: str) -> None:
+    """The ``--requests-per-user`` option every benchmark takes."""
+    parser.add_argument(
+        "--requests-per-user",
+        type=PerUsers,
+        default=PerUsers(default),
+        help="N, or per concurrency USERS:N,... (a level uses the nearest entry at or below it)",
+    )

@@ -31,7 +31,7 @@ from arq.jobs import Job as ArqJob
 from arq.jobs import JobStatus
 from redis.exceptions import RedisError, WatchError
 
-from gateway.enqueue import ID_TAKEN, QUEUE_FULL, Enqueuer
+from gateway.enqueue import ENQUEUED, ID_TAKEN, QUEUE_FULL, Enqueuer
 from gateway.errors import OpenAIError, queue_full, queue_timeout_error, server_error
 from gateway.subscriber import Inbox, Subscriber
 from tokenrelay import wire
@@ -75,17 +75,18 @@ class Relay:
         stream.on_closed = self._open.discard
         try:
             stream.inbox = await self._subscriber.subscribe(wire.events_channel(job.request_id))
-            stream.enqueued = True  # from here on a worker may hold it: cancel if we give up
+            # A call that fails midway may still have enqueued it: until the answer says otherwise,
+            # a worker may hold it, so giving up cancels it.
+            stream.enqueued = True
             # Backpressure: a bounded queue answers 429 (the SDKs back off and retry) instead of
             # letting waits grow without limit; the count includes jobs being generated. The
             # script also publishes the wake-up that lets a worker start the job now instead of
             # up to --poll-delay later.
             outcome, waiting = await self._enqueue(job, self.queue_timeout, self.max_queue_length)
+            stream.enqueued = outcome == ENQUEUED
             if outcome == QUEUE_FULL:
-                stream.enqueued = False
                 raise queue_full(job.model, waiting)
             if outcome == ID_TAKEN:
-                stream.enqueued = False
                 raise server_error(500, f"Request id {job.request_id} is already in use.", "duplicate_request")
         except BaseException:
             await stream.aclose()

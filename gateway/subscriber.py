@@ -140,11 +140,13 @@ class Subscriber:
         """Fail every open inbox and pending subscribe with ``error``; forget the connection."""
         pubsub, self._pubsub = self._pubsub, None
         inboxes, self._inboxes = self._inboxes, {}
+        message = f"lost the Redis pub/sub connection: {error}"
+        # One exception object per waiter: each raise extends the traceback of the object it raises.
         for inbox in inboxes.values():
-            inbox.put(RedisConnectionError(f"lost the Redis pub/sub connection: {error}"))
+            inbox.put(RedisConnectionError(message))
         for confirmed in self._confirm.values():
             if not confirmed.done():
-                confirmed.set_exception(RedisConnectionError(f"lost the Redis pub/sub connection: {error}"))
+                confirmed.set_exception(RedisConnectionError(message))
         if pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()

@@ -177,8 +177,12 @@ def test_onednn_linears_match_torch_and_can_be_undone(tiny_model: object) -> Non
     model.train()
     model(input_ids=ids).logits.sum().backward()
     assert linears[0].weight.grad is not None
+    other = torch.nn.Linear(2, 2)
+    other.forward = lambda x: x  # an instance forward that is not ours (as accelerate's hooks)
+    model.add_module("not_ours", other)
     restore_linears(model)
     assert all("forward" not in m.__dict__ for m in linears)
+    assert "forward" in other.__dict__
 
 
 def test_cpu_linear_setting_is_strict() -> None:

@@ -15,30 +15,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 # A single row (one sequence decoding) only goes to oneDNN for the vocabulary projection: for
 # the small per-layer matrices MKL was as fast there, and the call costs less.
 _LARGE_OUT_FEATURES = 8192
 
 
-def _forward(module: Any, op: Any, torch: Any) -> Callable[[Any], Any]:
+def _forward(module: torch.nn.Linear, op: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     large = module.out_features >= _LARGE_OUT_FEATURES
     linear = torch.nn.functional.linear
 
-    def forward(x: Any) -> Any:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         weight, bias = module.weight, module.bias
         several_rows = x.dim() > 1 and x.numel() > x.shape[-1]
         # oneDNN's op has no backward: a forward that records gradients stays on torch's path.
         if (several_rows or large) and not (torch.is_grad_enabled() and weight.requires_grad):
-            return op(x, weight, bias, "none", [], "")
+            out: torch.Tensor = op(x, weight, bias, "none", [], "")
+            return out
         return linear(x, weight, bias)
 
+    forward._onednn = True  # type: ignore[attr-defined]  # what restore_linears may undo
     return forward
 
 
 def use_onednn_linears(model: Any) -> int:
     """Route the model's float32 CPU linear layers through oneDNN; returns how many."""
-    import torch
-
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return 0
@@ -48,12 +50,14 @@ def use_onednn_linears(model: Any) -> int:
             continue
         if module.weight.device.type != "cpu" or module.weight.dtype != torch.float32:
             continue
-        module.forward = _forward(module, op, torch)
+        module.forward = _forward(module, op)
         count += 1
     return count
 
 
 def restore_linears(model: Any) -> None:
-    """Undo ``use_onednn_linears`` (the benchmark's plain-``generate`` baseline runs without it)."""
+    """Undo ``use_onednn_linears`` (the benchmark's plain-``generate`` baseline runs without it);
+    other per-module forwards (accelerate's hooks) stay."""
     for module in model.modules():
-        module.__dict__.pop("forward", None)
+        if getattr(module.__dict__.get("forward"), "_onednn", False):
+            del module.__dict__["forward"]

@@ -62,7 +62,7 @@ class WorkerSettings:
     poll_delay: float
     job_timeout: float
     cache_dir: str
-    cpu_linear: str = "onednn"
+    cpu_linear: str
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> WorkerSettings:
