@@ -34,6 +34,7 @@ from bench.stats import RequestRecord, Result, print_json, summarize
 from tokenrelay.wire import SamplingParams
 from worker.cpu_kernels import restore_linears, use_onednn_linears
 from worker.engine import Engine
+from worker.openmp import release_openmp_threads
 
 _ids = itertools.count()
 
@@ -139,7 +140,13 @@ def main(argv: list[str] | None = None) -> None:
         "--cpu-linear",
         choices=["onednn", "torch"],
         default="onednn",
-        help="the engine's float32 CPU linears, as the worker's flag (plain generate always uses torch's)",
+        help="the engine's float32 CPU linears, as the worker's flag",
+    )
+    p.add_argument(
+        "--plain-cpu-linear",
+        choices=["onednn", "torch"],
+        default="torch",
+        help="plain generate's: torch (stock, the baseline) or the engine's kernels (batching alone compared)",
     )
     p.add_argument("--no-plain-generate", action="store_true", help="skip the static-batch baseline")
     p.add_argument("--no-engine", action="store_true", help="only the static-batch baseline")
@@ -175,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         if engine is not None:
             if args.cpu_linear == "onednn":
                 use_onednn_linears(bm.model)
+            release_openmp_threads()  # as Engine.start: the engine thread's team is the only one
             # As loadgen's warm-up: one full-length request, then 4 concurrent short ones.
             await run_engine_load(engine, prompts, 1, 1, args.max_tokens, system="warmup")
             await run_engine_load(engine, prompts, 4, 1, min(16, args.max_tokens), system="warmup")
@@ -193,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                     assert engine is not None
                     if args.cpu_linear == "onednn":
                         use_onednn_linears(bm.model)
+                    # The static batch ran on this thread: its OpenMP team would slow the engine's.
+                    release_openmp_threads()
                     deadline = budget_end
                     if args.duration:
                         cap = time.perf_counter() + args.duration
@@ -207,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
                     )
                 else:
                     restore_linears(bm.model)
+                    if args.plain_cpu_linear == "onednn":
+                        use_onednn_linears(bm.model)
                     res = run_static_batch(bm, users, args.max_tokens, args.device)
                 foreign.__exit__(None, None, None)
                 print(_line(res), file=sys.stderr, flush=True)

@@ -163,26 +163,37 @@ def test_onednn_linears_match_torch_and_can_be_undone(tiny_model: object) -> Non
 
     from worker.cpu_kernels import restore_linears, use_onednn_linears
 
+    # Tied, as SmolLM2: the output projection shares the input embeddings' weight.
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    dense = {id(m): m.weight.detach().clone() for m in linears}
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     with torch.inference_mode():
         expected = model(input_ids=ids).logits
         assert use_onednn_linears(model) == len(linears) > 0
+        assert use_onednn_linears(model) == len(linears)  # a second call changes nothing
         got = model(input_ids=ids).logits
-        one_row = model(input_ids=ids[:1, :1]).logits  # a single row keeps torch's kernel here
+        one_row = model(input_ids=ids[:1, :1]).logits
     assert torch.allclose(got, expected, atol=1e-4) and not torch.equal(got, torch.zeros_like(got))
     assert torch.allclose(one_row, expected[:1, :1], atol=1e-4)
-    # With gradients on, the layers fall back to torch's kernel (oneDNN's op has no backward).
+    # The packed weight replaces the parameter, except where another module shares it.
+    embed = model.get_input_embeddings().weight
+    for m in linears:
+        assert m.weight.is_mkldnn == (m.weight is not embed)
+    # Inputs that need gradients still get them (through the plain kernel).
     model.train()
     model(input_ids=ids).logits.sum().backward()
-    assert linears[0].weight.grad is not None
+    assert embed.grad is not None and embed.grad.abs().sum() > 0
     other = torch.nn.Linear(2, 2)
     other.forward = lambda x: x  # an instance forward that is not ours (as accelerate's hooks)
     model.add_module("not_ours", other)
     restore_linears(model)
-    assert all("forward" not in m.__dict__ for m in linears)
     assert "forward" in other.__dict__
+    for m in linears:
+        assert "forward" not in m.__dict__ and not m.weight.is_mkldnn and m.weight.requires_grad
+        assert torch.equal(m.weight.detach(), dense[id(m)])
 
 
 def test_cpu_linear_setting_is_strict() -> None:
@@ -192,3 +203,52 @@ def test_cpu_linear_setting_is_strict() -> None:
     with pytest.raises(config.ConfigError, match="--cpu-linear"):
         config.resolve(OPTIONS, {"model": "m", "cpu_linear": "mkl"}, {})
 
+
+
+def test_roomy_cache_layer_matches_dynamic_layer() -> None:
+    """In-place columns, growing past the room, and tensors replaced from outside (KVBatch.select)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from worker.kvbatch import ROOM, RoomyLayer
+
+    gen = torch.Generator().manual_seed(0)
+    roomy, plain = RoomyLayer(), DynamicLayer()
+    widths = [5] + [1] * (2 * ROOM + 3)
+    for step, width in enumerate(widths):
+        k, v = torch.randn(3, 2, width, 4, generator=gen), torch.randn(3, 2, width, 4, generator=gen)
+        got, want = roomy.update(k, v), plain.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        if step == ROOM:  # as KVBatch.select: new tensors assigned from outside
+            idx = torch.tensor([2, 0, 1])
+            for layer in (roomy, plain):
+                assert layer.keys is not None and layer.values is not None
+                layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+    assert roomy.get_seq_length() == sum(widths)
+
+
+def test_release_openmp_threads_ends_the_callers_team() -> None:
+    """Engine.start relies on it: the loading thread's OpenMP workers exit, and come back on demand."""
+    import os
+    import threading
+
+    from worker.openmp import release_openmp_threads
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one CPU thread: no OpenMP team to release")
+    result: dict[str, int | bool] = {}
+
+    def body() -> None:  # a fresh thread: no team of its own yet, whatever pytest's main thread did
+        def count() -> int:
+            return len(os.listdir("/proc/self/task"))
+
+        start = count()
+        torch.ones(4_000_000).add_(1)  # large enough for a parallel region
+        result["with_team"] = count() - start
+        result["released"] = release_openmp_threads()
+        result["after"] = count() - start
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert result["released"] is True
+    assert result["with_team"] == torch.get_num_threads() - 1 and result["after"] == 0

@@ -22,7 +22,8 @@ import torch
 
 from tokenrelay.wire import SamplingParams
 from worker.detokenize import IncrementalDetokenizer, StopText
-from worker.kvbatch import KVBatch
+from worker.kvbatch import KVBatch, new_cache
+from worker.openmp import release_openmp_threads
 from worker.outputs import ChoiceOutput, merge
 from worker.sampling import Constraint, RowState, TokenLogprob, sample
 
@@ -107,9 +108,13 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._cache_kwarg = "cache" if "cache" in _forward_params(model) else "past_key_values"
         self.steps = 0
+        self._team_busy = False  # this thread has run model work since it last released its team
 
     # ---- the asyncio side --------------------------------------------------------------
     def start(self) -> None:
+        """Start the engine thread. The calling thread (the one that loaded the model) gives up
+        its OpenMP workers, so the engine's are the only team (worker/openmp.py)."""
+        release_openmp_threads()
         self._thread.start()
 
     def stop(self) -> None:
@@ -179,11 +184,18 @@ class Engine:
         with torch.inference_mode():
             while True:
                 idle = not self._running and not self._waiting
+                if idle and self._team_busy:
+                    # Idle: let this thread's OpenMP workers go, so other torch work in the
+                    # process (a benchmark's baseline) runs as the only team; they come back
+                    # with the next step.
+                    release_openmp_threads()
+                    self._team_busy = False
                 if not self._drain_inbox(block=idle):
                     break
                 dead = {s.request.request_id for s in self._running if s.request.dead}
                 if dead:
                     self._drop(dead)
+                self._team_busy |= bool(self._running or self._waiting)
                 try:
                     self._admit()
                     if self._running:
@@ -298,9 +310,7 @@ class Engine:
             mask[r, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
-
-        part = KVBatch(DynamicCache(), mask, mask.sum(-1))
+        part = KVBatch(new_cache(), mask, mask.sum(-1))
         # Every position's logits only when someone asked for prompt logprobs (echo): it costs
         # width x vocab floats per row.
         want = [s for s in seqs if s.want_prompt_logprobs and s.prompt_logprobs is None]

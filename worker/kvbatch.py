@@ -2,7 +2,9 @@
 
 TGI's CausalLMBatch idea over transformers' ``DynamicCache``: new rows are prefilled on their
 own and concatenated (the shorter side padded on the left), finished rows are filtered out, and
-columns that only padding uses any more are trimmed off the left.
+columns that only padding uses any more are trimmed off the left. Each layer keeps room for
+``ROOM`` more columns, so a decode step writes its column in place: ``DynamicLayer`` copies the
+whole cache every step (``torch.cat``), ~9 % of a SmolLM2 step at 8 rows.
 """
 
 from __future__ import annotations
@@ -12,6 +14,56 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+ROOM = 32  # spare columns per layer: one full copy every ROOM steps instead of every step
+
+
+class RoomyLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not type-checked here
+    """A ``DynamicLayer`` whose keys and values are views of buffers with spare columns.
+
+    Whoever replaces ``keys``/``values`` (KVBatch's select, pad, concatenate) just assigns new
+    tensors: the next update sees they are not its views any more and copies them into new
+    buffers with room.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.keys, self.values
+        old = keys.shape[-2] if keys.numel() else 0
+        new = old + key_states.shape[-2]
+        buffers = self._buffers
+        ours = self._views is not None and self._views[0] is keys and self._views[1] is values
+        if buffers is None or not ours or new > buffers[0].shape[-2]:
+            shape = (*key_states.shape[:-2], new + ROOM, key_states.shape[-1])
+            buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if old:
+                buffers[0][:, :, :old].copy_(keys)
+                buffers[1][:, :, :old].copy_(values)
+            self._buffers = buffers
+        buffers[0][:, :, old:new].copy_(key_states)
+        buffers[1][:, :, old:new].copy_(value_states)
+        self.keys, self.values = buffers[0][:, :, :new], buffers[1][:, :, :new]
+        self._views = (self.keys, self.values)
+        return self.keys, self.values
+
+
+def new_cache() -> Any:
+    """An empty ``DynamicCache`` whose layers are ``RoomyLayer``s."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = RoomyLayer
+    return cache
 
 
 def _layers(cache: Any) -> list[Any]:
