@@ -209,7 +209,7 @@ def test_roomy_cache_layer_matches_dynamic_layer() -> None:
     """In-place columns, growing past the room, and tensors replaced from outside (KVBatch.select)."""
     from transformers.cache_utils import DynamicLayer
 
-    from worker.kvbatch import ROOM, RoomyLayer
+    from worker.kvbatch import ROOM, RoomyLayer, _replace
 
     gen = torch.Generator().manual_seed(0)
     roomy, plain = RoomyLayer(), DynamicLayer()
@@ -218,11 +218,15 @@ def test_roomy_cache_layer_matches_dynamic_layer() -> None:
         k, v = torch.randn(3, 2, width, 4, generator=gen), torch.randn(3, 2, width, 4, generator=gen)
         got, want = roomy.update(k, v), plain.update(k, v)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        if step == ROOM:  # as KVBatch.select: new tensors assigned from outside
+        if step == ROOM:  # as KVBatch.select: new tensors from outside; the old buffers go at once
             idx = torch.tensor([2, 0, 1])
-            for layer in (roomy, plain):
-                assert layer.keys is not None and layer.values is not None
-                layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+            assert roomy._buffers is not None
+            _replace(roomy, roomy.keys.index_select(0, idx), roomy.values.index_select(0, idx))
+            assert roomy._buffers is None
+            assert plain.keys is not None and plain.values is not None
+            plain.keys, plain.values = plain.keys.index_select(0, idx), plain.values.index_select(0, idx)
+        if step == ROOM + 5:  # assigned without _replace: the identity check still notices
+            roomy.keys, roomy.values = roomy.keys.clone(), roomy.values.clone()
     assert roomy.get_seq_length() == sum(widths)
 
 

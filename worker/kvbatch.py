@@ -4,7 +4,7 @@ TGI's CausalLMBatch idea over transformers' ``DynamicCache``: new rows are prefi
 own and concatenated (the shorter side padded on the left), finished rows are filtered out, and
 columns that only padding uses any more are trimmed off the left. Each layer keeps room for
 ``ROOM`` more columns, so a decode step writes its column in place: ``DynamicLayer`` copies the
-whole cache every step (``torch.cat``), ~9 % of a SmolLM2 step at 8 rows.
+whole cache every step (``torch.cat``), 9-13 % of a SmolLM2 step at 8 rows.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ ROOM = 32  # spare columns per layer: one full copy every ROOM steps instead of 
 class RoomyLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not type-checked here
     """A ``DynamicLayer`` whose keys and values are views of buffers with spare columns.
 
-    Whoever replaces ``keys``/``values`` (KVBatch's select, pad, concatenate) just assigns new
-    tensors: the next update sees they are not its views any more and copies them into new
-    buffers with room.
+    KVBatch's row operations (select, pad, concatenate) assign new tensors through ``_replace``,
+    which lets the old buffers go at once (else every layer would hold two caches until its next
+    update); the next update copies the new tensors into buffers with room.
     """
 
     keys: torch.Tensor
@@ -58,6 +58,9 @@ class RoomyLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not typ
         self._views = (self.keys, self.values)
         return self.keys, self.values
 
+    def forget_room(self) -> None:
+        self._buffers = self._views = None
+
 
 def new_cache() -> Any:
     """An empty ``DynamicCache`` whose layers are ``RoomyLayer``s."""
@@ -69,6 +72,12 @@ def new_cache() -> Any:
 def _layers(cache: Any) -> list[Any]:
     layers: list[Any] = cache.layers
     return layers
+
+
+def _replace(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    layer.keys, layer.values = keys, values
+    if isinstance(layer, RoomyLayer):
+        layer.forget_room()
 
 
 @dataclass
@@ -90,8 +99,7 @@ class KVBatch:
         if rows != list(range(self.rows)):
             idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
             for layer in _layers(self.cache):
-                layer.keys = layer.keys.index_select(0, idx)
-                layer.values = layer.values.index_select(0, idx)
+                _replace(layer, layer.keys.index_select(0, idx), layer.values.index_select(0, idx))
             self.mask = self.mask.index_select(0, idx)
             self.positions = self.positions.index_select(0, idx)
         self._trim()
@@ -103,16 +111,14 @@ class KVBatch:
         first = int(used[0])
         if first > 0:
             for layer in _layers(self.cache):
-                layer.keys = layer.keys[:, :, first:]
-                layer.values = layer.values[:, :, first:]
+                _replace(layer, layer.keys[:, :, first:], layer.values[:, :, first:])
             self.mask = self.mask[:, first:]
 
     def _pad_left(self, extra: int) -> None:
         if extra <= 0:
             return
         for layer in _layers(self.cache):
-            layer.keys = F.pad(layer.keys, (0, 0, extra, 0))
-            layer.values = F.pad(layer.values, (0, 0, extra, 0))
+            _replace(layer, F.pad(layer.keys, (0, 0, extra, 0)), F.pad(layer.values, (0, 0, extra, 0)))
         self.mask = F.pad(self.mask, (extra, 0))
 
     def extend(self, other: KVBatch) -> None:
@@ -121,8 +127,7 @@ class KVBatch:
         self._pad_left(length - self.length)
         other._pad_left(length - other.length)
         for mine, theirs in zip(_layers(self.cache), _layers(other.cache), strict=True):
-            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
-            mine.values = torch.cat([mine.values, theirs.values], dim=0)
+            _replace(mine, torch.cat([mine.keys, theirs.keys], dim=0), torch.cat([mine.values, theirs.values], dim=0))
         self.mask = torch.cat([self.mask, other.mask], dim=0)
         self.positions = torch.cat([self.positions, other.positions], dim=0)
 
