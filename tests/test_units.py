@@ -256,3 +256,19 @@ def test_release_openmp_threads_ends_the_callers_team() -> None:
     thread.join()
     assert result["released"] is True
     assert result["with_team"] == torch.get_num_threads() - 1 and result["after"] == 0
+
+
+def test_up_takes_and_forwards_every_worker_flag() -> None:
+    from tokenrelay.cli import _parser
+    from tokenrelay.launcher import UP_OPTIONS, worker_argv
+
+    args = vars(_parser().parse_args(["up", "--cpu-linear", "torch", "--job-timeout", "30", "--workers", "2"]))
+    args.pop("command")
+    values = config.resolve(UP_OPTIONS, args, {})
+    argv = worker_argv(values, "served")
+    assert argv[argv.index("--cpu-linear") + 1] == "torch"
+    assert float(argv[argv.index("--job-timeout") + 1]) == 30
+    assert argv.count("--served-model-name") == 1 and "--workers" not in argv and "--redis-url" not in argv
+    # Every worker setting that has a value reaches the worker.
+    given = {o.flag for o in OPTIONS if values.get(o.dest) is not None} - {"--redis-url"}
+    assert given <= set(argv) and "--cpu-linear" in given

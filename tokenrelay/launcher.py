@@ -21,26 +21,35 @@ from tokenrelay.config import Option
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-_WORKER_FLAGS = [
-    "--model", "--gguf-file", "--served-model-name", "--quantization", "--device-map", "--dtype", "--max-batch-size",
-    "--default-temperature", "--default-top-p", "--kv-cache-memory", "--kv-cache-tokens", "--poll-delay", "--cache-dir",
-]
+def _worker_options() -> list[Option]:
+    """Every worker flag but the Redis URL (``up``'s own, passed on in the environment): ``up``
+    takes them all and hands them to its workers."""
+    from worker.settings import OPTIONS as WORKER_OPTIONS
+
+    return [o for o in WORKER_OPTIONS if o.flag != config.REDIS_URL.flag]
 
 
 def _up_options() -> list[Option]:
-    from worker.settings import OPTIONS as WORKER_OPTIONS
-
-    passed = [o for o in WORKER_OPTIONS if o.flag in _WORKER_FLAGS]
     return [
         config.REDIS_URL,
         Option("--workers", config.int_in(1, 64), 1, "worker processes to start"),
         Option("--host", config.text, "127.0.0.1", "gateway address"),
         Option("--port", config.int_in(1, 65535), 8000, "gateway port"),
-        *passed,
+        *_worker_options(),
     ]
 
 
 UP_OPTIONS = _up_options()
+
+
+def worker_argv(values: dict[str, Any], served: str) -> list[str]:
+    """The command line of one of ``up``'s workers: every worker setting ``up`` was given."""
+    argv = [sys.executable, "-m", "tokenrelay.cli", "worker", "--served-model-name", served]
+    for option in _worker_options():
+        value = values.get(option.dest)
+        if value is not None and option.flag != "--served-model-name":
+            argv += [option.flag, str(value)]
+    return argv
 
 
 def default_model() -> tuple[str, str]:
@@ -134,11 +143,7 @@ def up(values: dict[str, Any]) -> None:
         gateway = subprocess.Popen([sys.executable, "-m", "tokenrelay.cli", "gateway", "--host", values["host"],
                                     "--port", str(values["port"])], env=env)
         procs.append(gateway)
-        worker_args = [sys.executable, "-m", "tokenrelay.cli", "worker", "--served-model-name", served]
-        for flag in _WORKER_FLAGS:
-            value = values.get(flag.lstrip("-").replace("-", "_"))
-            if value is not None and flag != "--served-model-name":
-                worker_args += [flag, str(value)]
+        worker_args = worker_argv(values, served)
         print(f"tokenrelay: loading {served} in {values['workers']} worker(s)...", flush=True)
         # The first worker converts and caches a GGUF model; the others then load the cache.
         first = subprocess.Popen(worker_args, env=env)
