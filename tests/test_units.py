@@ -272,3 +272,19 @@ def test_up_takes_and_forwards_every_worker_flag() -> None:
     # Every worker setting that has a value reaches the worker.
     given = {o.flag for o in OPTIONS if values.get(o.dest) is not None} - {"--redis-url"}
     assert given <= set(argv) and "--cpu-linear" in given
+
+
+def test_encode_gives_the_ids_the_tokenizer_call_gives(tiny_model: object) -> None:
+    from transformers import AutoTokenizer
+
+    from worker.prompts import encode
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    assert getattr(tok, "backend_tokenizer", None) is not None  # the fast path is the one tested
+    texts = ["Hello world", " leading space", "café 東京", "a" * 300, "", "\n\n  x", tok.eos_token]
+    texts.append(tok.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False,
+                                         add_generation_prompt=True))
+    for text in texts:
+        for special in (True, False):
+            assert encode(tok, text, add_special_tokens=special) == list(
+                tok(text, add_special_tokens=special)["input_ids"])

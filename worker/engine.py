@@ -387,11 +387,25 @@ class Engine:
                 keep.append(i)
             else:
                 seq.request.unfinished -= 1
+        # One hand-over per event loop per step, not one per request: each call_soon_threadsafe
+        # wakes the loop through its self-pipe.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, list[Any]]]] = {}
         for key, request in requests.items():
-            request.send(outputs[key])
-            if request.unfinished == 0:
-                request.send(_END)
+            items: list[Any] = [outputs[key]] + ([_END] if request.unfinished == 0 else [])
+            by_loop.setdefault(request.loop, []).append((request, items))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the loop was closed under us; drop its requests, keep the engine
+                for request, _ in batch:
+                    request.dead = True
         return keep
+
+
+def _deliver(batch: list[tuple[_Request, list[Any]]]) -> None:
+    for request, items in batch:
+        for item in items:
+            request.outbox.put_nowait(item)
 
 
 def _forward_params(model: Any) -> set[str]:
