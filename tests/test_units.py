@@ -215,7 +215,7 @@ def test_roomy_cache_layer_matches_dynamic_layer() -> None:
     roomy, plain = RoomyLayer(), DynamicLayer()
     widths = [5] + [1] * (2 * ROOM + 3)
     for step, width in enumerate(widths):
-        k, v = torch.randn(3, 2, width, 4, generator=gen), torch.randn(3, 2, width, 4, generator=gen)
+        k, v = torch.randn(3, 2, width, 4, generator=gen), torch.randn(3, 2, width, 6, generator=gen)
         got, want = roomy.update(k, v), plain.update(k, v)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         if step == ROOM:  # as KVBatch.select: new tensors from outside; the old buffers go at once

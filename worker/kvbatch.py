@@ -46,8 +46,9 @@ class RoomyLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not typ
         buffers = self._buffers
         ours = self._views is not None and self._views[0] is keys and self._views[1] is values
         if buffers is None or not ours or new > buffers[0].shape[-2]:
-            shape = (*key_states.shape[:-2], new + ROOM, key_states.shape[-1])
-            buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+            # Keys and values may differ in head size (multi-head latent attention).
+            buffers = (key_states.new_empty((*key_states.shape[:-2], new + ROOM, key_states.shape[-1])),
+                       value_states.new_empty((*value_states.shape[:-2], new + ROOM, value_states.shape[-1])))
             if old:
                 buffers[0][:, :, :old].copy_(keys)
                 buffers[1][:, :, :old].copy_(values)
