@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from functools import cache
 
 log = logging.getLogger(__name__)
 
 _OMP_PAUSE_HARD = 2
 
 
-@cache
+_found: list[ctypes.CDLL] = []  # only a hit is kept: torch may load libgomp after a first miss
+
+
 def _libgomp() -> ctypes.CDLL | None:
     """The libgomp this process has loaded (torch's own copy), if any; only Linux says."""
+    if _found:
+        return _found[0]
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
@@ -33,9 +36,10 @@ def _libgomp() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(path)
             lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
-            return lib
         except (OSError, AttributeError):
             continue
+        _found.append(lib)
+        return lib
     return None
 
 
