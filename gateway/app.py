@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import uuid
@@ -22,8 +23,8 @@ from gateway.routes import ROUTES, Gateway
 from gateway.settings import GatewaySettings
 from tokenrelay import wire
 
-# Each open request holds one pooled connection for its subscription; the pool must outgrow the
-# number of requests in flight, or the next one fails with "Too many connections".
+# Requests in flight each hold a pooled connection while they enqueue, check liveness or cancel;
+# the pool must outgrow what can happen at once, or a request fails with "Too many connections".
 MAX_REDIS_CONNECTIONS = 1000
 _CLIENT_REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
 
@@ -42,9 +43,11 @@ def create_app(settings: GatewaySettings) -> Starlette:
         redis = ArqRedis(pool, job_serializer=wire.serialize_job, job_deserializer=wire.deserialize_job)
         relay = Relay(redis, settings.queue_timeout, settings.max_queue_length)
         app.state.gateway = Gateway(settings, redis, Registry(redis), relay)
+        warm_up = asyncio.create_task(relay.warm_up())
         try:
             yield
         finally:
+            warm_up.cancel()
             await relay.drain(timeout=3)
             await redis.aclose()
             await pool.disconnect()

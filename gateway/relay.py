@@ -1,7 +1,7 @@
-"""One request's trip through Redis: subscribe, enqueue, then follow the worker's events.
+"""One request's trip through Redis: open its inbox, enqueue, then follow the worker's events.
 
-The order matters: Redis pub/sub drops messages published before SUBSCRIBE, so the gateway waits
-for the subscribe confirmation before the job can reach a worker.
+The order matters: Redis pub/sub drops messages published before SUBSCRIBE, so the inbox opens
+(on the gateway's confirmed reply channel, gateway/subscriber.py) before the job can reach a worker.
 
 How a request ends when things go wrong, and how fast:
 
@@ -22,6 +22,7 @@ a job no worker has started yet is also removed from the queue (see ``publish_ca
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -69,12 +70,16 @@ class Relay:
         self._subscriber = Subscriber(redis)
 
     async def open(self, job: wire.Job) -> EventStream:
-        """Subscribe, enqueue, and return the stream of the job's events. Close it when done."""
+        """Open its inbox, enqueue, and return the stream of the job's events. Close it when done."""
         stream = EventStream(self._redis, job, self.queue_timeout)
         self._open.add(stream)
         stream.on_closed = self._open.discard
         try:
-            stream.inbox = await self._subscriber.subscribe(wire.events_channel(job.request_id))
+            try:
+                stream.inbox = await self._subscriber.open(job.request_id)
+            except ValueError:
+                raise _duplicate(job.request_id) from None
+            job = dataclasses.replace(job, reply_to=self._subscriber.channel)
             # A call that fails midway may still have enqueued it: until the answer says otherwise,
             # a worker may hold it, so giving up cancels it.
             stream.enqueued = True
@@ -87,11 +92,19 @@ class Relay:
             if outcome == QUEUE_FULL:
                 raise queue_full(job.model, waiting)
             if outcome == ID_TAKEN:
-                raise server_error(500, f"Request id {job.request_id} is already in use.", "duplicate_request")
+                raise _duplicate(job.request_id)
         except BaseException:
             await stream.aclose()
             raise
         return stream
+
+    async def warm_up(self) -> None:
+        """Subscribe to the reply channel now, so the first request does not wait for it; a
+        Redis that is not up yet is no error here (the first request tries again)."""
+        try:
+            await self._subscriber.connect()
+        except (RedisError, OSError) as exc:
+            log.info("reply channel not subscribed at startup: %s", exc)
 
     async def drain(self, timeout: float) -> None:
         """At shutdown, before the pool closes: give the requests uvicorn just cancelled time
@@ -142,7 +155,7 @@ class EventStream:
     """The events of one job, checked: in order, from a live worker, within the deadlines."""
 
     def __init__(self, redis: Any, job: wire.Job, queue_timeout: float) -> None:
-        self.inbox: Inbox | None = None  # set once Redis confirmed the subscription
+        self.inbox: Inbox | None = None  # set once the reply channel's subscription is confirmed
         self.request_id = job.request_id
         self.worker_id: str | None = None
         self.ended = False  # the worker sent done or error: nothing to cancel
@@ -208,14 +221,7 @@ class EventStream:
 
     async def _receive(self, wait: float) -> Event | None:
         assert self.inbox is not None
-        data = await self.inbox.get(max(wait, 0.0))
-        if data is None:
-            return None
-        try:
-            return wire.parse_event(data)
-        except ValueError:
-            log.error("%s: unreadable event %r", self.request_id, data)
-            raise _events_lost("a worker sent an unreadable event") from None
+        return await self.inbox.get(max(wait, 0.0))
 
     def _accept(self, event: Event) -> Event:
         seq, kind = event.get("seq"), event.get("type")
@@ -266,6 +272,10 @@ class EventStream:
                 await self.inbox.aclose()
         finally:
             self.on_closed(self)
+
+
+def _duplicate(request_id: str) -> OpenAIError:
+    return server_error(500, f"Request id {request_id} is already in use.", "duplicate_request")
 
 
 def _events_lost(detail: str) -> OpenAIError:

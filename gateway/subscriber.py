@@ -1,13 +1,15 @@
-"""Every request's events on one Redis pub/sub connection, read by one task.
+"""Every request's events on one Redis pub/sub channel of this gateway, read by one task.
 
-A pub/sub connection per request cost, for every request, a TCP connect, the client's handshake
-and a disconnect (redis-py closes a PubSub's connection when it is done), each a turn of the event
-loop that under load delays the request's first token. Here one connection carries every channel:
-``subscribe`` sends SUBSCRIBE and waits for Redis to confirm it (pub/sub drops what is published
-before that), and the reader hands each message to its channel's ``Inbox``.
+The gateway SUBSCRIBEs once to its own ``wire.reply_channel`` and every job it enqueues names
+that channel; workers send the events of many of its requests in one message. A request's
+``Inbox`` is registered before its job is enqueued, with no round trip of its own: a SUBSCRIBE
+per request had cost a round trip (and an UNSUBSCRIBE) per request, each waiting for a turn of a
+busy event loop before the job could even be enqueued.
 
-If the connection fails, every open inbox raises that error, so each request ends with an error
-rather than waiting; the next ``subscribe`` opens a new connection.
+Redis drops what is published before a SUBSCRIBE is confirmed, so ``open`` returns only once
+the channel's subscription is confirmed. If the connection fails, every open inbox raises that
+error, so each request ends with an error rather than waiting; the next ``open`` connects and
+subscribes again.
 """
 
 from __future__ import annotations
@@ -15,30 +17,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tokenrelay import wire
+
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT_S = 5.0
+READ_WAIT_S = 1.0  # one read's wait; the reader loops (a bounded read is not cut by socket_timeout)
+
+Event = dict[str, Any]
 
 
 class Inbox:
-    """One channel's messages, in order. ``get`` returns None after ``timeout`` seconds."""
+    """One request's events, in order. ``get`` returns None after ``timeout`` seconds."""
 
-    def __init__(self, subscriber: Subscriber, channel: bytes) -> None:
-        self.channel = channel
+    def __init__(self, subscriber: Subscriber, request_id: str) -> None:
+        self.request_id = request_id
         self._subscriber = subscriber
-        self._queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
-        self._closed = False
+        self._queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
 
-    def put(self, item: bytes | BaseException) -> None:
+    def put(self, item: Event | BaseException) -> None:
         self._queue.put_nowait(item)
 
-    async def get(self, timeout: float) -> bytes | None:
+    async def get(self, timeout: float) -> Event | None:
         if self._queue.empty():
             if timeout <= 0:
                 return None
@@ -54,49 +61,36 @@ class Inbox:
         return item
 
     async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._subscriber.unsubscribe(self)
+        self._subscriber.forget(self)
 
 
 class Subscriber:
-    """The gateway's one pub/sub connection; ``await subscribe(channel)`` → a confirmed ``Inbox``."""
+    """The gateway's one pub/sub connection; ``await open(request_id)`` → an ``Inbox``.
 
-    def __init__(self, redis: Any) -> None:
+    ``channel`` is this gateway's reply channel (``gateway_id``: a fresh random id by default).
+    """
+
+    def __init__(self, redis: Any, gateway_id: str | None = None) -> None:
+        self.channel = wire.reply_channel(gateway_id or uuid.uuid4().hex)
+        self._key = self.channel.encode()
         self._redis = redis
-        self._pubsub: Any = None
+        self._pubsub: Any = None  # set once the subscription is confirmed
         self._reader: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
-        self._inboxes: dict[bytes, Inbox] = {}
-        self._confirm: dict[bytes, asyncio.Future[None]] = {}
+        self._inboxes: dict[str, Inbox] = {}
+        self._confirmed: asyncio.Future[None] | None = None
 
-    async def subscribe(self, channel: str) -> Inbox:
-        key = channel.encode()
-        inbox = Inbox(self, key)
-        confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._inboxes[key] = inbox
-        self._confirm[key] = confirmed
-        try:
-            pubsub = await self._connection()
-            await pubsub.subscribe(channel)
-            try:
-                await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
-            except TimeoutError:
-                raise RedisTimeoutError("Redis did not confirm the SUBSCRIBE") from None
-        except BaseException:
-            await inbox.aclose()
-            raise
-        finally:
-            self._confirm.pop(key, None)
+    async def open(self, request_id: str) -> Inbox:
+        if self._pubsub is None:
+            await self.connect()
+        if request_id in self._inboxes:
+            raise ValueError(f"request id {request_id} is already open")
+        inbox = self._inboxes[request_id] = Inbox(self, request_id)
         return inbox
 
-    async def unsubscribe(self, inbox: Inbox) -> None:
-        if self._inboxes.get(inbox.channel) is inbox:
-            del self._inboxes[inbox.channel]
-            pubsub = self._pubsub
-            if pubsub is not None:
-                with contextlib.suppress(RedisError, OSError):  # a dead connection has no subscriptions
-                    await pubsub.unsubscribe(inbox.channel.decode())
+    def forget(self, inbox: Inbox) -> None:
+        if self._inboxes.get(inbox.request_id) is inbox:
+            del self._inboxes[inbox.request_id]
 
     async def aclose(self) -> None:
         if self._reader is not None:
@@ -105,48 +99,74 @@ class Subscriber:
                 await self._reader
         await self._drop(RedisConnectionError("the gateway is shutting down"))
 
-    async def _connection(self) -> Any:
+    async def connect(self) -> None:
+        """Connect and subscribe to the reply channel, unless that is done already."""
         async with self._connecting:
-            if self._pubsub is None:
-                pubsub = self._redis.pubsub()
+            if self._pubsub is not None:
+                return
+            pubsub = self._redis.pubsub()
+            self._confirmed = asyncio.get_running_loop().create_future()
+            try:
                 await pubsub.connect()
-                self._pubsub = pubsub
                 self._reader = asyncio.create_task(self._read(pubsub))
-            return self._pubsub
+                await pubsub.subscribe(self.channel)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._confirmed), SUBSCRIBE_TIMEOUT_S)
+                except TimeoutError:
+                    raise RedisTimeoutError("Redis did not confirm the SUBSCRIBE") from None
+            except BaseException:
+                if self._reader is not None:
+                    self._reader.cancel()
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+                raise
+            self._pubsub = pubsub
 
     async def _read(self, pubsub: Any) -> None:
         try:
             while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
+                # A bounded wait returns None when nothing came. An unbounded one is a plain
+                # socket read, which the pool's socket_timeout turns into an error after a quiet
+                # spell, failing every open request.
+                message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=READ_WAIT_S)
                 if message is None:
                     continue
-                kind, channel = message.get("type"), message.get("channel")
+                kind = message.get("type")
                 if kind == "message":
-                    inbox = self._inboxes.get(channel)
-                    if inbox is not None:  # else: a request that already ended
-                        inbox.put(message["data"])
-                elif kind == "subscribe":
-                    confirmed = self._confirm.get(channel)
-                    if confirmed is not None and not confirmed.done():
-                        confirmed.set_result(None)
+                    self._dispatch(message["data"])
+                elif (kind == "subscribe" and message.get("channel") == self._key
+                      and self._confirmed is not None and not self._confirmed.done()):
+                    self._confirmed.set_result(None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("the pub/sub connection failed: %s; open requests end with an error", exc)
+            if self._confirmed is not None and not self._confirmed.done():
+                self._confirmed.set_exception(RedisConnectionError(str(exc)))
             if self._pubsub is pubsub:
                 await self._drop(exc)
 
+    def _dispatch(self, data: bytes) -> None:
+        try:
+            events = wire.parse_events(data)
+        except ValueError as exc:
+            # Whose events they were is unknown; those requests see a gap or a job that ended
+            # without its last event, and end with ``events_lost``.
+            log.error("an unreadable reply message: %s", exc)
+            return
+        for request_id, event in events:
+            inbox = self._inboxes.get(request_id)
+            if inbox is not None:  # else: a request that already ended
+                inbox.put(event)
+
     async def _drop(self, error: BaseException) -> None:
-        """Fail every open inbox and pending subscribe with ``error``; forget the connection."""
+        """Fail every open inbox with ``error``; forget the connection."""
         pubsub, self._pubsub = self._pubsub, None
         inboxes, self._inboxes = self._inboxes, {}
         message = f"lost the Redis pub/sub connection: {error}"
         # One exception object per waiter: each raise extends the traceback of the object it raises.
         for inbox in inboxes.values():
             inbox.put(RedisConnectionError(message))
-        for confirmed in self._confirm.values():
-            if not confirmed.done():
-                confirmed.set_exception(RedisConnectionError(message))
         if pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()

@@ -30,13 +30,15 @@ PROMPT_TOKENS = 7
 class Publisher:
     """Numbers events like a worker does (``seq`` from 0), unless told to skip."""
 
-    def __init__(self, redis: ArqRedis, request_id: str) -> None:
+    def __init__(self, redis: ArqRedis, job: wire.Job) -> None:
         self.redis = redis
-        self.channel = wire.events_channel(request_id)
+        self.channel = job.reply_to
+        self.request_id = job.request_id
         self.seq = 0
 
     async def send(self, build: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> None:
-        await self.redis.publish(self.channel, wire.encode_event(build(self.seq, *args, **kwargs)))
+        event = build(self.seq, *args, **kwargs)
+        await self.redis.publish(self.channel, wire.encode_events([(self.request_id, event)]))
         self.seq += 1
 
 
@@ -174,7 +176,7 @@ class ScriptedWorker:
     async def _generate(self, ctx: dict[str, Any], payload: dict[str, Any]) -> None:
         job = wire.Job.from_dict(payload)
         self.jobs.append(job)
-        await SCRIPTS[_script_name(job)](self, Publisher(ctx["redis"], job.request_id), job)
+        await SCRIPTS[_script_name(job)](self, Publisher(ctx["redis"], job), job)
 
     async def _heartbeat(self, redis: ArqRedis) -> None:
         info = wire.WorkerInfo(self.worker_id, self.model, capacity=100, context_length=CONTEXT_LENGTH,

@@ -170,11 +170,12 @@ def test_models_lists_live_model(client: openai.OpenAI) -> None:
 def _silent_after(redis_url: str, request_id: str, seconds: float) -> bool:
     """True when no event of ``request_id`` is published during ``seconds``."""
     pubsub = redis.Redis.from_url(redis_url).pubsub()
-    pubsub.subscribe(wire.events_channel(request_id))
+    pubsub.psubscribe(wire.REPLY_CHANNEL_PATTERN)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         message = pubsub.get_message(timeout=0.1)
-        if message and message["type"] == "message":
+        if (message and message["type"] == "pmessage"
+                and any(rid == request_id for rid, _ in wire.parse_events(message["data"]))):
             return False
     return True
 

@@ -143,3 +143,49 @@ def test_prompt_logprobs_match_a_plain_forward(loaded: tuple[Any, Any]) -> None:
         assert lp.top[0][0] == int(expected[j].argmax())
     other = next(o for o in outs if o.index == 2)
     assert other.prompt_logprobs is not None and len(other.prompt_logprobs) == len(prompt) + 1
+
+
+def test_submit_gives_what_generate_gives_and_ends_on_a_failing_callback(loaded: tuple[Any, Any]) -> None:
+    """The callback form the worker uses: same text, the end as a future; a callback that raises
+    ends its request with that error and frees its row, as does cancelling the future."""
+    model, tok = loaded
+    prompt = tok("The quick brown fox")["input_ids"]
+    params = SamplingParams(temperature=0, ignore_eos=True)
+    engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id}, max_batch_size=1)
+    engine.start()
+
+    async def scenario() -> None:
+        expected = ""
+        async for outs in engine.generate("g", [prompt], n=1, max_tokens=[20], params=params):
+            expected += "".join(o.text for o in outs)
+        pieces: list[str] = []
+        tokens = 0
+
+        def collect(outs: list[Any]) -> None:
+            nonlocal tokens
+            pieces.extend(o.text for o in outs)
+            tokens += sum(o.tokens for o in outs)
+
+        await engine.submit("s", [prompt], n=1, max_tokens=[20], params=params, on_outputs=collect)
+        assert "".join(pieces) == expected and tokens == 20
+
+        def fail(outs: list[Any]) -> None:
+            raise ValueError("the caller's bug")
+
+        with pytest.raises(ValueError, match="the caller's bug"):
+            await engine.submit("bad", [prompt], n=1, max_tokens=[100_000], params=params, on_outputs=fail)
+        first = asyncio.Event()
+        long = engine.submit("long", [prompt], n=1, max_tokens=[100_000], params=params,
+                             on_outputs=lambda outs: first.set())
+        await first.wait()
+        long.cancel()
+        # One row: this only runs once the failed and the cancelled request have left it.
+        pieces.clear()
+        tokens = 0
+        await engine.submit("after", [prompt], n=1, max_tokens=[5], params=params, on_outputs=collect)
+        assert tokens == 5
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        engine.stop()

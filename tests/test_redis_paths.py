@@ -82,39 +82,55 @@ def test_enqueue_refuses_a_full_queue_with_its_length(redis_url: str) -> None:
     _run(redis_url, body)
 
 
-def test_one_connection_carries_every_subscription(redis_url: str) -> None:
+def _event(seq: int, text: str) -> dict[str, Any]:
+    return wire.delta_event(seq, [wire.choice_delta(0, text, tokens=1)])
+
+
+def test_one_channel_carries_every_request(redis_url: str) -> None:
     async def body(pool: ArqRedis) -> None:
         subscriber = Subscriber(pool)
-        channels = [f"test:{uuid.uuid4().hex}" for _ in range(5)]
-        inboxes = await asyncio.gather(*(subscriber.subscribe(c) for c in channels))
-        for i, channel in enumerate(channels):
-            assert await pool.publish(channel, f"m{i}".encode()) == 1  # exactly one subscriber
-        for i, inbox in enumerate(inboxes):
-            assert await inbox.get(2.0) == f"m{i}".encode()
+        ids = [f"chatcmpl-{uuid.uuid4().hex}" for _ in range(5)]
+        inboxes = [await subscriber.open(i) for i in ids]
+        # One message, every request's events, as a worker sends them after an engine step.
+        message = wire.encode_events([(i, _event(0, f"m{k}")) for k, i in enumerate(ids)] + [(ids[0], _event(1, "n"))])
+        assert await pool.publish(subscriber.channel, message) == 1  # exactly one subscriber
+        for k, inbox in enumerate(inboxes):
+            event = await inbox.get(2.0)
+            assert event is not None and event["choices"][0]["text"] == f"m{k}"
+        second = await inboxes[0].get(2.0)
+        assert second is not None and second["seq"] == 1
+        for inbox in inboxes:
             assert await inbox.get(0.0) is None  # nothing else came
         clients = await pool.client_list(_type="pubsub")
         assert len([c for c in clients if c.get("sub") not in ("0", 0)]) == 1
-        await inboxes[0].aclose()
-        await asyncio.sleep(0.05)
-        assert await pool.publish(channels[0], b"late") == 0  # unsubscribed at Redis too
-        assert await inboxes[1].get(0.05) is None  # waiting has a timeout
+        await inboxes[1].aclose()
+        late = [(ids[1], _event(1, "late")), (ids[2], _event(1, "x"))]
+        await pool.publish(subscriber.channel, wire.encode_events(late))
+        later = await inboxes[2].get(2.0)
+        assert later is not None and later["seq"] == 1  # a closed inbox's events are dropped, the rest go on
+        with pytest.raises(ValueError):
+            await subscriber.open(ids[2])  # an id still open
+        await pool.publish(subscriber.channel, b"not json")  # logged and dropped; the reader goes on
+        await pool.publish(subscriber.channel, wire.encode_events([(ids[3], _event(1, "y"))]))
+        assert (await inboxes[3].get(2.0) or {}).get("seq") == 1
+        assert await inboxes[4].get(0.05) is None  # waiting has a timeout
         await subscriber.aclose()
 
     _run(redis_url, body)
 
 
-def test_a_lost_connection_fails_open_inboxes_and_the_next_subscribe_reconnects(redis_url: str) -> None:
+def test_a_lost_pubsub_connection_fails_open_inboxes(redis_url: str) -> None:
     async def body(pool: ArqRedis) -> None:
         subscriber = Subscriber(pool)
-        inbox = await subscriber.subscribe(f"test:{uuid.uuid4().hex}")
+        inbox = await subscriber.open(f"chatcmpl-{uuid.uuid4().hex}")
         killer = aioredis.Redis.from_url(redis_url)
         assert await killer.client_kill_filter(_type="pubsub") >= 1
         with pytest.raises(RedisConnectionError):
             await inbox.get(5.0)  # an error, not a silent wait
-        channel = f"test:{uuid.uuid4().hex}"
-        again = await subscriber.subscribe(channel)
-        await killer.publish(channel, b"after")
-        assert await again.get(2.0) == b"after"
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        again = await subscriber.open(request_id)  # subscribes again, confirmed
+        await killer.publish(subscriber.channel, wire.encode_events([(request_id, _event(0, "after"))]))
+        assert (await again.get(2.0) or {}).get("seq") == 0
         await killer.aclose()
         await subscriber.aclose()
 
@@ -152,3 +168,59 @@ def test_batch_claim_takes_only_free_due_jobs_up_to_its_room(redis_url: str) -> 
         await worker.close()
 
     _run(redis_url, body)
+
+
+def test_claim_hands_over_try_and_cancel_marker_and_ends_jobs_as_arq_does(redis_url: str) -> None:
+    queue = f"test:queue:{uuid.uuid4().hex[:8]}"
+    seen: dict[str, tuple[int, bool]] = {}
+
+    async def record(ctx: dict[str, Any], *_: Any) -> str:
+        seen[ctx["job_id"]] = (ctx["job_try"], ctx["cancelled"])
+        return "ok"
+
+    async def body(pool: ArqRedis) -> None:
+        plain, cancelled, retried, expired = (f"j{i}-{uuid.uuid4().hex[:6]}" for i in range(4))
+        for job_id in (plain, cancelled, retried, expired):
+            await pool.enqueue_job("record", _job_id=job_id, _queue_name=queue)
+        await pool.set(wire.cancel_marker_key(cancelled), 1, ex=60)
+        await pool.set(wire.arq_retry_key(retried), 1, ex=60)  # a worker died on it once
+        await pool.delete(wire.arq_job_key(expired))  # its payload expired in the queue
+        worker = BatchWorker(functions=[func(record, name="record")], queue_name=queue, redis_pool=pool,
+                             redis_settings=RedisSettings(), max_jobs=10, poll_delay=0.01, burst=True,
+                             handle_signals=False, keep_result=60)
+        await worker.claim()
+        assert sorted(worker.tasks) == sorted([plain, cancelled, retried, expired])
+        await asyncio.gather(*worker.tasks.values())
+        assert seen == {plain: (1, False), cancelled: (1, True), retried: (2, False)}
+        for job_id in (plain, cancelled, retried):
+            info = await ArqJob(job_id, pool, _queue_name=queue).result_info()
+            assert info is not None and info.success and info.result == "ok"
+        failed = await ArqJob(expired, pool, _queue_name=queue).result_info()
+        assert failed is not None and not failed.success and "expired" in str(failed.result)
+        for job_id in (plain, cancelled, retried, expired):  # arq's cleanup: nothing left queued or held
+            assert await ArqJob(job_id, pool, _queue_name=queue).status() == JobStatus.complete
+            assert not await pool.exists(wire.arq_in_progress_key(job_id), wire.arq_retry_key(job_id))
+        assert await pool.zcard(queue) == 0
+        assert (worker.jobs_complete, worker.jobs_failed) == (3, 1)
+        await worker.close()
+
+    _run(redis_url, body)
+
+
+def test_a_quiet_reply_channel_outlasts_the_pools_socket_timeout(redis_url: str) -> None:
+    async def main() -> None:
+        # The gateway's pool has a socket timeout; a spell without events (a long prefill, a
+        # queue wait) must not read as a lost connection.
+        pool = ArqRedis.from_url(redis_url, socket_timeout=0.3)
+        try:
+            subscriber = Subscriber(pool)
+            request_id = f"chatcmpl-{uuid.uuid4().hex}"
+            inbox = await subscriber.open(request_id)
+            assert await inbox.get(1.5) is None
+            await pool.publish(subscriber.channel, wire.encode_events([(request_id, _event(0, "late"))]))
+            assert (await inbox.get(2.0) or {}).get("seq") == 0
+            await subscriber.aclose()
+        finally:
+            await pool.aclose()
+
+    asyncio.run(main())

@@ -3,11 +3,14 @@
 This is the only module both sides import. Everything here is plain data and JSON; it must
 never import torch, transformers or Starlette.
 
-Flow: the gateway SUBSCRIBEs to ``events_channel(request_id)``, then enqueues an arq job
-``GENERATE_FUNCTION`` on ``queue_name(model)`` with one argument, ``Job.to_dict()``. The worker
-publishes numbered events on that channel: exactly one ``started`` or ``error`` first, then
-``delta`` events, and always ends with ``done`` or ``error``. ``seq`` starts at 0 and grows by
-one per event, so the gateway can tell a lost message from the end of the stream.
+Flow: each gateway process SUBSCRIBEs once, at its first request, to its own
+``reply_channel(gateway_id)``. Per request it enqueues an arq job ``GENERATE_FUNCTION`` on
+``queue_name(model)`` with one argument, ``Job.to_dict()``, whose ``reply_to`` names that channel.
+The worker publishes the job's numbered events there: exactly one ``started`` or ``error`` first,
+then ``delta`` events, and always ends with ``done`` or ``error``. ``seq`` starts at 0 and grows
+by one per event, so the gateway can tell a lost message from the end of the stream. One message
+carries events of any number of that gateway's requests (``encode_events``), so a worker sends
+one message per gateway per engine step, not one per request.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 GENERATE_FUNCTION = "generate"
 
 # How often a worker refreshes its registry key, and how long the key lives. A worker killed
@@ -44,8 +47,12 @@ def wake_channel(model: str) -> str:
     return f"{_PREFIX}:wake:{model}"
 
 
-def events_channel(request_id: str) -> str:
-    return f"{_PREFIX}:events:{request_id}"
+def reply_channel(gateway_id: str) -> str:
+    """Where workers publish the events of one gateway process's requests."""
+    return f"{_PREFIX}:replies:{gateway_id}"
+
+
+REPLY_CHANNEL_PATTERN = reply_channel("*")
 
 
 def cancel_marker_key(request_id: str) -> str:
@@ -57,8 +64,9 @@ def worker_key(worker_id: str) -> str:
 
 
 # arq's own keys for a job (the job id is the request id): the job's payload, the marker a worker
-# sets when it takes the job, and its result. The gateway writes the first itself (one round trip)
-# and reads the others to refuse a taken id and to withdraw a job nobody started.
+# sets when it takes the job, its try counter and its result. The gateway writes the first itself
+# (one round trip) and reads the others to refuse a taken id and to withdraw a job nobody started;
+# the worker's claim script (worker/queue.py) builds them from these prefixes (the id left empty).
 def arq_job_key(request_id: str) -> str:
     return f"{job_key_prefix}{request_id}"
 
@@ -69,6 +77,11 @@ def arq_in_progress_key(request_id: str) -> str:
 
 def arq_result_key(request_id: str) -> str:
     return f"{result_key_prefix}{request_id}"
+
+
+def arq_retry_key(request_id: str) -> str:
+    """arq's try counter for a job; a worker reads a try above 1 as "a worker died on it"."""
+    return f"{retry_key_prefix}{request_id}"
 
 
 def serialize_job(data: dict[str, Any]) -> bytes:
@@ -127,6 +140,7 @@ class Job:
     model: str
     kind: Literal["chat", "completion"]
     deadline: float  # epoch seconds; a job not started by then is dropped
+    reply_to: str = ""  # the gateway's reply_channel; the gateway's relay sets it as it enqueues
     n: int = 1
     messages: list[dict[str, Any]] | None = None
     prompts: list[str | list[int]] | None = None
@@ -154,7 +168,7 @@ class Job:
 
 # ---- events -------------------------------------------------------------------------------
 # Each event is one JSON object with "seq" and "type". Builders below are the only place the
-# worker spells them; the gateway reads them with parse_event.
+# worker spells them; the gateway reads them with parse_events.
 
 EventType = Literal["started", "delta", "done", "error"]
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -227,15 +241,23 @@ def error_event(
     }
 
 
-def encode_event(event: dict[str, Any]) -> bytes:
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+def encode_events(events: list[tuple[str, dict[str, Any]]]) -> bytes:
+    """One reply message: ``[[request_id, event], ...]``, each request's events in seq order."""
+    return json.dumps(events, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def parse_event(data: bytes | str) -> dict[str, Any]:
-    event: dict[str, Any] = json.loads(data)
-    if not isinstance(event, dict) or "seq" not in event or "type" not in event:
-        raise ValueError(f"not a tokenrelay event: {data!r}")
-    return event
+def parse_events(data: bytes | str) -> list[tuple[str, dict[str, Any]]]:
+    """The (request_id, event) pairs of one reply message; ValueError if it is not one."""
+    raw = json.loads(data)
+    if not isinstance(raw, list):
+        raise ValueError(f"not a tokenrelay reply message: {data!r:.200}")
+    out: list[tuple[str, dict[str, Any]]] = []
+    for item in raw:
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                or not isinstance(item[1], dict) or "seq" not in item[1] or "type" not in item[1]):
+            raise ValueError(f"not a tokenrelay event: {item!r:.200}")
+        out.append((item[0], item[1]))
+    return out
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Every step, waiting sequences are prefilled together and join the running batch; then the
 whole batch decodes one token; finished or cancelled sequences leave at once. Each sequence
 keeps its own sampling settings, stop strings and seed, so requests of any mix share a batch.
-The engine knows nothing of HTTP, arq or Redis: callers ``await`` ``generate`` and read lists
-of ``ChoiceOutput`` (one list per step in which the request made progress).
+The engine knows nothing of HTTP, arq or Redis: callers iterate ``generate`` and read lists
+of ``ChoiceOutput`` (one list per step in which the request made progress), or ``submit`` a
+callback that the event loop calls with those lists, with no task switch per request per step.
 """
 
 from __future__ import annotations
@@ -37,17 +38,24 @@ class EngineError(RuntimeError):
 _END = object()
 
 
+OutputsCallback = Callable[[list[ChoiceOutput]], None]
+
+
 @dataclass
 class _Request:
     request_id: str
     loop: asyncio.AbstractEventLoop
-    outbox: asyncio.Queue[Any]
+    outbox: asyncio.Queue[Any]  # generate's items: lists of outputs, then _END or an exception
     unfinished: int
     dead: bool = False  # its event loop is gone: nobody will read it
+    # submit's form: outputs go to the callback, the end to the future, through ``pending``.
+    on_outputs: OutputsCallback | None = None
+    finished: asyncio.Future[None] | None = None
+    pending: list[Any] = field(default_factory=list)
 
     def send(self, item: Any) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+            self.loop.call_soon_threadsafe(_deliver, [(self, [item])])
         except RuntimeError:  # the loop was closed under us; drop the request, keep the engine
             self.dead = True
 
@@ -143,19 +151,7 @@ class Engine:
         Leaving the iterator early cancels the request.
         """
         request = _Request(request_id, asyncio.get_running_loop(), asyncio.Queue(), len(prompts) * n)
-        seqs = []
-        for p, prompt in enumerate(prompts):
-            for i in range(n):
-                gen = None
-                if params.seed is not None:
-                    gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
-                seqs.append(_Sequence(
-                    request, p * n + i, list(prompt), params, max_tokens[p],
-                    IncrementalDetokenizer(self.tokenizer, prompt), StopText(params.stop), gen,
-                    constraint() if constraint is not None else None,
-                    prompt_logprobs,
-                ))
-        self._inbox.put(("add", seqs))
+        self._add(request, prompts, n, params, max_tokens, constraint, prompt_logprobs)
         finished = False
         try:
             while not finished:
@@ -178,6 +174,51 @@ class Engine:
         finally:
             if not finished:
                 self.cancel(request_id)
+
+    def submit(
+        self,
+        request_id: str,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        params: SamplingParams,
+        max_tokens: list[int],
+        on_outputs: OutputsCallback,
+        constraint: Callable[[], Constraint] | None = None,
+        prompt_logprobs: bool = False,
+    ) -> asyncio.Future[None]:
+        """``generate`` with a callback, for a caller that serves many requests on one loop.
+
+        The event loop calls ``on_outputs`` with each request's outputs (what piled up since
+        the last call merged, as ``generate`` yields them), all requests of a step in one pass.
+        The future ends with the request, or with the engine's error, or with the callback's
+        exception (the request is then cancelled). Cancelling the future cancels the request.
+        """
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+        request = _Request(request_id, loop, asyncio.Queue(), len(prompts) * n, on_outputs=on_outputs,
+                           finished=finished)
+        # Cancelled, or its callback failed: the engine must stop too (after its own end or
+        # error, this cancel finds nothing to do).
+        finished.add_done_callback(lambda f: self.cancel(request_id) if f.cancelled() or f.exception() else None)
+        self._add(request, prompts, n, params, max_tokens, constraint, prompt_logprobs)
+        return finished
+
+    def _add(self, request: _Request, prompts: list[list[int]], n: int, params: SamplingParams,
+             max_tokens: list[int], constraint: Callable[[], Constraint] | None, prompt_logprobs: bool) -> None:
+        seqs = []
+        for p, prompt in enumerate(prompts):
+            for i in range(n):
+                gen = None
+                if params.seed is not None:
+                    gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+                seqs.append(_Sequence(
+                    request, p * n + i, list(prompt), params, max_tokens[p],
+                    IncrementalDetokenizer(self.tokenizer, prompt), StopText(params.stop), gen,
+                    constraint() if constraint is not None else None,
+                    prompt_logprobs,
+                ))
+        self._inbox.put(("add", seqs))
 
     # ---- the engine thread -------------------------------------------------------------
     def _loop(self) -> None:
@@ -403,9 +444,44 @@ class Engine:
 
 
 def _deliver(batch: list[tuple[_Request, list[Any]]]) -> None:
+    """On the event loop: queue each request's items. submit's requests are handled in one pass
+    on the next turn, so the steps that arrived in one turn reach each callback merged."""
+    called: list[_Request] = []
     for request, items in batch:
+        if request.on_outputs is None:
+            for item in items:
+                request.outbox.put_nowait(item)
+        else:
+            if not request.pending:
+                called.append(request)
+            request.pending.extend(items)
+    if called:
+        asyncio.get_running_loop().call_soon(_call_back, called)
+
+
+def _call_back(requests: list[_Request]) -> None:
+    for request in requests:
+        items, request.pending = request.pending, []
+        finished = request.finished
+        assert finished is not None and request.on_outputs is not None
+        if finished.done():
+            continue  # cancelled, or its callback failed: nobody wants more
+        outputs: list[ChoiceOutput] = []
+        end: Any = None
         for item in items:
-            request.outbox.put_nowait(item)
+            if item is _END or isinstance(item, BaseException):
+                end = item
+                break
+            outputs.extend(item)
+        try:
+            if outputs:
+                request.on_outputs(merge(outputs))
+        except Exception as exc:  # the caller's bug: end this request, not the others
+            end = exc
+        if end is _END:
+            finished.set_result(None)
+        elif end is not None:
+            finished.set_exception(end)
 
 
 def _forward_params(model: Any) -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -21,6 +22,10 @@ from worker.sampling import Constraint, TokenLogprob
 from worker.token_bytes import TokenBytes
 
 log = logging.getLogger(__name__)
+
+# Cancels heard for requests not running here yet: a job claimed a moment ago may hear its cancel
+# before it starts. Every worker hears every cancel, so only the latest are kept.
+_RECENT_CANCELS = 1024
 
 
 class Runtime:
@@ -44,25 +49,39 @@ class Runtime:
         self.default_top_p = default_top_p
         self.active: set[str] = set()  # requests this worker is running now
         self.cancelled: set[str] = set()  # of those, the ones whose client left
+        self._recent_cancels: OrderedDict[str, None] = OrderedDict()
         self._token_text: dict[int, str] = {}
         self._token_bytes = TokenBytes(tokenizer)
         self._grammars: Grammars | None = None
         self._grammars_lock = asyncio.Lock()
 
     def cancel(self, request_id: str) -> None:
-        # Every worker hears every cancel; only remember our own, or the set would grow forever.
         if request_id in self.active:
             self.cancelled.add(request_id)
             self.engine.cancel(request_id)
+        else:
+            self._recent_cancels[request_id] = None
+            if len(self._recent_cancels) > _RECENT_CANCELS:
+                self._recent_cancels.popitem(last=False)
 
-    async def _abandoned(self, job: wire.Job) -> bool:
-        if time.time() > job.deadline:
+    async def _abandoned(self, job: wire.Job, marked: bool | None) -> bool:
+        """``marked``: whether the gateway's cancel marker was set when the job was claimed
+        (None: not known, so ask Redis)."""
+        if time.time() > job.deadline or job.request_id in self._recent_cancels:
             return True
-        return bool(await self.redis.exists(wire.cancel_marker_key(job.request_id)))
+        if marked is None:
+            marked = bool(await self.redis.exists(wire.cancel_marker_key(job.request_id)))
+        return marked
 
-    async def run(self, payload: dict[str, Any], job_try: int) -> None:
+    async def run(self, payload: dict[str, Any], job_try: int, marked: bool | None = None) -> None:
         request_id = str(payload.get("request_id", "unknown"))
-        out = Publisher(self.events, request_id)
+        reply_to = payload.get("reply_to")
+        if not isinstance(reply_to, str) or not reply_to:
+            # Nobody to tell: a gateway of another protocol version sent it.
+            log.error("dropping %s: the job names no reply channel (protocol %s, ours %d)",
+                      request_id, payload.get("version"), wire.PROTOCOL_VERSION)
+            return
+        out = Publisher(self.events, reply_to, request_id)
         try:
             job = wire.Job.from_dict(payload)
         except (TypeError, ValueError, KeyError) as exc:
@@ -71,14 +90,14 @@ class Runtime:
             return
         self.active.add(request_id)
         try:
-            await self._run(job, job_try, out)
+            await self._run(job, job_try, marked, out)
         finally:
             self.active.discard(request_id)
             self.cancelled.discard(request_id)
 
-    async def _run(self, job: wire.Job, job_try: int, out: Publisher) -> None:
+    async def _run(self, job: wire.Job, job_try: int, marked: bool | None, out: Publisher) -> None:
         request_id = job.request_id
-        if job_try > 1 or await self._abandoned(job) or request_id in self.cancelled:
+        if job_try > 1 or await self._abandoned(job, marked) or request_id in self.cancelled:
             # The gateway gave up on it (client gone, deadline passed, or a worker died on it).
             log.info("dropping %s: abandoned before start (try %d)", request_id, job_try)
             return
@@ -137,15 +156,22 @@ class Runtime:
         if params.top_p is None:
             params = replace(params, top_p=self.default_top_p)
         constraint = await self._constraint(job)
-        await out.send(wire.started_event, worker_id=self.worker_id, prompt_tokens=prompts.token_count)
+        if job.request_id in self.cancelled:
+            return  # the client left while the prompt was prepared
+        # The engine starts on the prompt while the started event is on its way; later events
+        # go out after it (the sink keeps order), and its failure surfaces at the first delta.
+        started = out.post(wire.started_event, worker_id=self.worker_id, prompt_tokens=prompts.token_count)
+        started.add_done_callback(_retrieved)  # a failure shows at the done event, below
         completion_tokens = 0
         echo_pending = set(range(rows)) if job.echo else set()
         names = set(tools.tool_names(job.tools))
         parsers = {i: tools.ToolCallParser(names, parallel=job.parallel_tool_calls)
                    for i in range(rows)} if tools.calls_possible(job) else {}
-        async for outputs in self.engine.generate(job.request_id, prompts.ids, n=job.n, params=params,
-                                                  max_tokens=prompts.max_tokens, constraint=constraint,
-                                                  prompt_logprobs=job.echo and params.logprobs is not None):
+
+        def on_outputs(outputs: list[ChoiceOutput]) -> None:
+            # Called by the event loop for every request of a step in one pass: no await here,
+            # so a step costs no task switch per request.
+            nonlocal completion_tokens
             choices = []
             for o in outputs:
                 completion_tokens += o.tokens
@@ -154,7 +180,13 @@ class Runtime:
                     echo_pending.discard(o.index)
                     text = prompts.texts[o.index // job.n] + text
                 choices.append(self._delta(o, text, parsers.get(o.index), prompts.ids[o.index // job.n]))
-            await out.send(wire.delta_event, choices)
+            out.post(wire.delta_event, choices).add_done_callback(_retrieved)
+
+        # Events go out in order, so when Redis fails the done event below fails too, and an
+        # event lost in between is a seq gap the gateway reports.
+        await self.engine.submit(job.request_id, prompts.ids, n=job.n, params=params, max_tokens=prompts.max_tokens,
+                                 on_outputs=on_outputs, constraint=constraint,
+                                 prompt_logprobs=job.echo and params.logprobs is not None)
         if job.request_id in self.cancelled:
             return  # the client left; nobody reads a done event
         await out.send(wire.done_event, prompt_tokens=prompts.token_count,
@@ -201,8 +233,15 @@ class Runtime:
         return {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(t, v) for t, v in lp.top]}
 
 
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     """The arq function ``wire.GENERATE_FUNCTION``."""
     runtime: Runtime = ctx["runtime"]
-    await runtime.run(payload, int(ctx.get("job_try", 1)))
+    # worker.queue.BatchWorker reads the cancel marker as it claims the job; plain arq does not.
+    marked = ctx.get("cancelled")
+    await runtime.run(payload, int(ctx.get("job_try", 1)), None if marked is None else bool(marked))
 
