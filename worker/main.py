@@ -128,6 +128,17 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
             await worker.close()
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it exists (not on Windows): the loop's own work per event is a fifth to a
+    third of the worker's event-loop CPU per token (docs/benchmarks-notes.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def run(settings: WorkerSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # bitsandbytes on the CPU warns once per matmul; one line at load says the same.
@@ -138,6 +149,7 @@ def run(settings: WorkerSettings) -> None:
                     max_batch_size=settings.max_batch_size, kv_cache_tokens=kv_budget_tokens(settings, loaded))
     engine.start()
     try:
-        asyncio.run(serve(settings, loaded, engine))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(settings, loaded, engine))
     finally:
         engine.stop()
