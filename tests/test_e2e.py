@@ -249,3 +249,28 @@ def test_two_workers_share_a_queue(redis_url: str, log_dir: Path, tiny_model: Pa
         w.stop()
     # Each worker takes one job at a time, so the other must have taken some.
     assert sum(served) == 4 and min(served) >= 1, served
+
+
+def test_a_request_past_the_job_timeout_ends_with_a_clear_error(stack: str, redis_url: str, log_dir: Path,
+                                                                 tiny_model: Path) -> None:
+    worker = start_worker(redis_url, log_dir, str(tiny_model), "tiny-slow", "--job-timeout", "1")
+    try:
+        client = openai.OpenAI(base_url=stack + "/v1", api_key="x", max_retries=0, timeout=60)
+        stream = client.chat.completions.create(model="tiny-slow", messages=HELLO, max_tokens=3500, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True})
+        text = ""
+        started = time.monotonic()
+        with pytest.raises(openai.APIError) as caught:
+            for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+        assert caught.value.code == "job_timeout"
+        assert "job timeout (1 s)" in caught.value.message
+        assert text  # it did generate, for about a second
+        assert time.monotonic() - started < 10
+        with pytest.raises(openai.APIStatusError) as refused:  # not streamed: the HTTP status says it
+            client.chat.completions.create(model="tiny-slow", messages=HELLO, max_tokens=3500, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        assert refused.value.status_code == 504
+    finally:
+        worker.stop()

@@ -26,6 +26,8 @@ from worker.tasks import Runtime, generate
 
 log = logging.getLogger("tokenrelay.worker")
 
+ARQ_TIMEOUT_MARGIN_S = 30.0
+
 
 def kv_budget_tokens(settings: WorkerSettings, loaded: Loaded) -> int:
     if settings.kv_cache_tokens:
@@ -79,7 +81,8 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
     )
     runtime = Runtime(engine=engine, tokenizer=loaded.tokenizer, redis=redis, worker_id=worker_id,
                       context_length=loaded.context_length, max_request_tokens=info.max_request_tokens,
-                      default_temperature=settings.default_temperature, default_top_p=settings.default_top_p)
+                      default_temperature=settings.default_temperature, default_top_p=settings.default_top_p,
+                      job_timeout=settings.job_timeout)
     waker: QueueWaker | None = None
 
     async def after_job_end(ctx: dict[str, Any]) -> None:
@@ -89,7 +92,9 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
             asyncio.get_running_loop().call_later(0.001, waker.poke)
 
     worker = BatchWorker(
-        functions=[func(generate, name=wire.GENERATE_FUNCTION, max_tries=1, timeout=settings.job_timeout)],
+        # The job ends itself at --job-timeout with a clear error; arq's limit is only a backstop.
+        functions=[func(generate, name=wire.GENERATE_FUNCTION, max_tries=1,
+                        timeout=settings.job_timeout + ARQ_TIMEOUT_MARGIN_S)],
         queue_name=wire.queue_name(settings.served_model_name),
         redis_pool=redis,
         # A job is only taken when the engine has a free row, so a busy worker leaves the rest

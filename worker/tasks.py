@@ -32,12 +32,13 @@ class Runtime:
     """What every job of this worker shares.
 
     Keyword-only arguments: engine, tokenizer, redis (an ArqRedis), worker_id, context_length,
-    max_request_tokens, default_temperature and default_top_p (for requests that set none).
+    max_request_tokens, default_temperature and default_top_p (for requests that set none),
+    job_timeout (seconds a request may take once started; None: no limit).
     """
 
     def __init__(self, *, engine: Engine, tokenizer: Any, redis: Any, worker_id: str, context_length: int,
                  max_request_tokens: int, default_temperature: float | None = None,
-                 default_top_p: float | None = None) -> None:
+                 default_top_p: float | None = None, job_timeout: float | None = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.redis = redis
@@ -47,6 +48,7 @@ class Runtime:
         self.max_request_tokens = max_request_tokens
         self.default_temperature = default_temperature
         self.default_top_p = default_top_p
+        self.job_timeout = job_timeout
         self.active: set[str] = set()  # requests this worker is running now
         self.cancelled: set[str] = set()  # of those, the ones whose client left
         self._recent_cancels: OrderedDict[str, None] = OrderedDict()
@@ -101,8 +103,17 @@ class Runtime:
             # The gateway gave up on it (client gone, deadline passed, or a worker died on it).
             log.info("dropping %s: abandoned before start (try %d)", request_id, job_try)
             return
+        deadline = asyncio.timeout(self.job_timeout)
         try:
-            await self._generate(job, out)
+            async with deadline:
+                await self._generate(job, out)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            # Said here, not by arq's own timeout (a backstop): that one would look like a
+            # shutdown to this code, and the client would read "The worker shut down."
+            await out.send(wire.error_event, status=504, code="job_timeout",
+                           message=f"The request ran longer than this worker's job timeout ({self.job_timeout:g} s).")
         except asyncio.CancelledError:
             self.engine.cancel(request_id)
             await asyncio.shield(out.send(wire.error_event, status=503, message="The worker shut down.",
@@ -159,9 +170,9 @@ class Runtime:
         if job.request_id in self.cancelled:
             return  # the client left while the prompt was prepared
         # The engine starts on the prompt while the started event is on its way; later events
-        # go out after it (the sink keeps order), and its failure surfaces at the first delta.
+        # go out after it (the sink keeps order), so its failure shows at the done event below.
         started = out.post(wire.started_event, worker_id=self.worker_id, prompt_tokens=prompts.token_count)
-        started.add_done_callback(_retrieved)  # a failure shows at the done event, below
+        started.add_done_callback(_retrieved)
         completion_tokens = 0
         echo_pending = set(range(rows)) if job.echo else set()
         names = set(tools.tool_names(job.tools))
