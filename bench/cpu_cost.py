@@ -1,7 +1,8 @@
 """CPU time per 1000 streamed tokens, per process, for one load on ``tokenrelay up``.
 
-Latency on these shared 2-CPU machines swings by ±20 % between identical runs; the CPU each part
-of the path spends per token barely moves, so it shows what a change to the path saved. Runs
+Latency on these shared 2-CPU machines swings by ±20 % between identical runs; the CPU the gateway
+and the worker's event loop spend per token by ~10 %, so an alternating A/B of a change to the
+path reads best from it. Runs
 ``tokenrelay up`` (its own Redis) on a model, one warm-up load, then the measured load, and reads
 ``/proc`` before and after: the gateway, the worker (its event-loop thread, the engine thread and
 everything else, OpenMP workers included), Redis, and this process (the load generator).
