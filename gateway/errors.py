@@ -110,6 +110,8 @@ def from_error_event(event: Mapping[str, Any], max_tokens_param: str = "max_toke
         text("type") or "server_error",
         param,
         code,
+        # A retry would run the same request into the same limit.
+        {"x-should-retry": "false"} if code == "job_timeout" else None,
     )
 
 

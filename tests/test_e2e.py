@@ -272,5 +272,6 @@ def test_a_request_past_the_job_timeout_ends_with_a_clear_error(stack: str, redi
             client.chat.completions.create(model="tiny-slow", messages=HELLO, max_tokens=3500, temperature=0,
                                            extra_body={"ignore_eos": True})
         assert refused.value.status_code == 504
+        assert refused.value.response.headers["x-should-retry"] == "false"  # the SDKs would retry a 504
     finally:
         worker.stop()
