@@ -45,13 +45,11 @@ OutputsCallback = Callable[[list[ChoiceOutput]], None]
 class _Request:
     request_id: str
     loop: asyncio.AbstractEventLoop
-    outbox: asyncio.Queue[Any]  # generate's items: lists of outputs, then _END or an exception
     unfinished: int
+    on_outputs: OutputsCallback
+    finished: asyncio.Future[None]
     dead: bool = False  # its event loop is gone: nobody will read it
-    # submit's form: outputs go to the callback, the end to the future, through ``pending``.
-    on_outputs: OutputsCallback | None = None
-    finished: asyncio.Future[None] | None = None
-    pending: list[Any] = field(default_factory=list)
+    pending: list[Any] = field(default_factory=list)  # lists of outputs, then _END or an exception
 
     def send(self, item: Any) -> None:
         try:
@@ -150,30 +148,28 @@ class Engine:
         logprobs (``params.logprobs`` alternatives each) to each choice's first output.
         Leaving the iterator early cancels the request.
         """
-        request = _Request(request_id, asyncio.get_running_loop(), asyncio.Queue(), len(prompts) * n)
-        self._add(request, prompts, n, params, max_tokens, constraint, prompt_logprobs)
-        finished = False
+        pieces: asyncio.Queue[Any] = asyncio.Queue()
+        finished = self.submit(request_id, prompts, n=n, params=params, max_tokens=max_tokens,
+                               on_outputs=pieces.put_nowait, constraint=constraint, prompt_logprobs=prompt_logprobs)
+        # Queued after the last outputs: the callback runs before the future ends.
+        finished.add_done_callback(lambda _: pieces.put_nowait(_END))
         try:
-            while not finished:
-                items = [await request.outbox.get()]
+            ended = False
+            while not ended:
+                items = [await pieces.get()]
                 # When the consumer fell behind the engine, what piled up goes out as one list:
                 # fewer, larger events under load, one per token when there is time.
-                while not request.outbox.empty():
-                    items.append(request.outbox.get_nowait())
-                outputs: list[ChoiceOutput] = []
-                for item in items:
-                    if item is _END:
-                        finished = True
-                    elif isinstance(item, BaseException):
-                        finished = True
-                        raise item
-                    else:
-                        outputs.extend(item)
+                while not pieces.empty():
+                    items.append(pieces.get_nowait())
+                outputs = [o for item in items if item is not _END for o in item]
+                ended = _END in items
                 if outputs:
                     yield merge(outputs)
+            finished.result()  # the engine's error, if that is how it ended
         finally:
-            if not finished:
-                self.cancel(request_id)
+            # Leaving early cancels the request; an error nobody will read is marked as read.
+            if not finished.cancel() and not finished.cancelled():
+                finished.exception()
 
     def submit(
         self,
@@ -196,8 +192,7 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
-        request = _Request(request_id, loop, asyncio.Queue(), len(prompts) * n, on_outputs=on_outputs,
-                           finished=finished)
+        request = _Request(request_id, loop, len(prompts) * n, on_outputs, finished)
         # Cancelled, or its callback failed: the engine must stop too (after its own end or
         # error, this cancel finds nothing to do).
         finished.add_done_callback(lambda f: self.cancel(request_id) if f.cancelled() or f.exception() else None)
@@ -444,17 +439,13 @@ class Engine:
 
 
 def _deliver(batch: list[tuple[_Request, list[Any]]]) -> None:
-    """On the event loop: queue each request's items. submit's requests are handled in one pass
-    on the next turn, so the steps that arrived in one turn reach each callback merged."""
+    """On the event loop: queue each request's items; they are handed over in one pass on the
+    next turn, so the steps that arrived in one turn reach each callback merged."""
     called: list[_Request] = []
     for request, items in batch:
-        if request.on_outputs is None:
-            for item in items:
-                request.outbox.put_nowait(item)
-        else:
-            if not request.pending:
-                called.append(request)
-            request.pending.extend(items)
+        if not request.pending:
+            called.append(request)
+        request.pending.extend(items)
     if called:
         asyncio.get_running_loop().call_soon(_call_back, called)
 
@@ -463,7 +454,6 @@ def _call_back(requests: list[_Request]) -> None:
     for request in requests:
         items, request.pending = request.pending, []
         finished = request.finished
-        assert finished is not None and request.on_outputs is not None
         if finished.done():
             continue  # cancelled, or its callback failed: nobody wants more
         outputs: list[ChoiceOutput] = []
