@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from tokenrelay import wire
 
-_Pending = tuple[str, str, dict[str, Any], "asyncio.Future[None]"]
+log = logging.getLogger(__name__)
+
+# channel, request id, event, and the future of a sender that waits (None: nobody waits)
+_Pending = tuple[str, str, dict[str, Any], "asyncio.Future[None] | None"]
 
 
 class EventSink:
@@ -22,13 +26,22 @@ class EventSink:
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    def post(self, channel: str, request_id: str, event: dict[str, Any]) -> asyncio.Future[None]:
-        """Queue an event without waiting; the future ends when its batch went out (or failed)."""
+    def post(self, channel: str, request_id: str, event: dict[str, Any]) -> None:
+        """Queue an event without waiting. If its batch fails, a later event of the request that
+        is waited for fails too (batches go out in order), or the gateway sees the seq gap."""
+        self._queue(channel, request_id, event, None)
+
+    async def publish(self, channel: str, request_id: str, event: dict[str, Any]) -> None:
+        """Queue an event and wait until its batch went out (raises what Redis raised)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue(channel, request_id, event, future)
+        await future
+
+    def _queue(self, channel: str, request_id: str, event: dict[str, Any],
+               future: asyncio.Future[None] | None) -> None:
         self._pending.append((channel, request_id, event, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return future
 
     async def _flush(self) -> None:
         while self._pending:
@@ -42,12 +55,14 @@ class EventSink:
                         pipe.publish(channel, wire.encode_events(events))
                     await pipe.execute()
             except Exception as exc:
-                for *_, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                waited = [future for *_, future in batch if future is not None and not future.done()]
+                if not waited:
+                    log.warning("publishing %d event(s) failed: %s", len(batch), exc)
+                for failed in waited:
+                    failed.set_exception(exc)
             else:
                 for *_, future in batch:
-                    if not future.done():
+                    if future is not None and not future.done():
                         future.set_result(None)
 
 
@@ -61,10 +76,13 @@ class Publisher:
         self.seq = 0
 
     async def send(self, build: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> None:
-        await self.post(build, *args, **kwargs)
+        await self._sink.publish(self._channel, self._request_id, self._next(build, *args, **kwargs))
 
-    def post(self, build: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> asyncio.Future[None]:
+    def post(self, build: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> None:
         """``send`` without waiting for Redis: later events still go out after this one."""
+        self._sink.post(self._channel, self._request_id, self._next(build, *args, **kwargs))
+
+    def _next(self, build: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
         event = build(self.seq, *args, **kwargs)
         self.seq += 1
-        return self._sink.post(self._channel, self._request_id, event)
+        return event

@@ -171,8 +171,7 @@ class Runtime:
             return  # the client left while the prompt was prepared
         # The engine starts on the prompt while the started event is on its way; later events
         # go out after it (the sink keeps order), so its failure shows at the done event below.
-        started = out.post(wire.started_event, worker_id=self.worker_id, prompt_tokens=prompts.token_count)
-        started.add_done_callback(_retrieved)
+        out.post(wire.started_event, worker_id=self.worker_id, prompt_tokens=prompts.token_count)
         completion_tokens = 0
         echo_pending = set(range(rows)) if job.echo else set()
         names = set(tools.tool_names(job.tools))
@@ -191,7 +190,7 @@ class Runtime:
                     echo_pending.discard(o.index)
                     text = prompts.texts[o.index // job.n] + text
                 choices.append(self._delta(o, text, parsers.get(o.index), prompts.ids[o.index // job.n]))
-            out.post(wire.delta_event, choices).add_done_callback(_retrieved)
+            out.post(wire.delta_event, choices)
 
         # Events go out in order, so when Redis fails the done event below fails too, and an
         # event lost in between is a seq gap the gateway reports.
@@ -242,11 +241,6 @@ class Runtime:
 
     def _logprob(self, lp: TokenLogprob) -> dict[str, Any]:
         return {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(t, v) for t, v in lp.top]}
-
-
-def _retrieved(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
