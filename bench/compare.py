@@ -12,7 +12,6 @@ Writes docs/benchmarks.md, docs/benchmarks.png and the raw JSON under bench/resu
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import functools
 import json
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import peers
+from bench import aio, peers
 from bench.loadgen import run_load, warm_up
 from bench.procinfo import ForeignCpu, RssSampler, load_average, machine, status_kib, wait_until_quiet
 from bench.schedule import add_requests_per_user, users_list
@@ -79,7 +78,7 @@ def run_http(
 ) -> list[dict[str, Any]]:
     args = run.args
     per_user = requests_per_user or args.requests_per_user
-    warm = asyncio.run(warm_up(peer.base_url, peer.model, args.max_tokens, peer.extra_body, peer.usage))
+    warm = aio.run(warm_up(peer.base_url, peer.model, args.max_tokens, peer.extra_body, peer.usage))
     if warm.errors:
         raise RuntimeError(f"{peer.name}: warm-up failed: {warm.error_samples}")
     results = []
@@ -104,7 +103,7 @@ def _http_point(run: Run, peer: peers.Peer, users: int, per_user: int, *, rss: b
         if sampler is not None:
             stack.enter_context(sampler)
         with foreign:
-            res = asyncio.run(
+            res = aio.run(
                 run_load(
                     peer.base_url,
                     peer.model,

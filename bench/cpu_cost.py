@@ -16,7 +16,6 @@ Run it from the checkout to measure (``cwd`` decides which code ``tokenrelay up`
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from bench import aio
 from bench.loadgen import run_load
 from bench.peers import free_port
 
@@ -94,11 +94,11 @@ def measure(model: str, users: int, requests_per_user: int, max_tokens: int, log
                 raise RuntimeError(f"tokenrelay did not start; see {log}")
             time.sleep(0.2)
         extra = {"ignore_eos": True}
-        asyncio.run(run_load(base_url, "bench", min(users, 4), 2, max_tokens, extra_body=extra))  # warm-up
+        aio.run(run_load(base_url, "bench", min(users, 4), 2, max_tokens, extra_body=extra))  # warm-up
         procs = _children(up.pid)
         engine = _engine_tid(procs["worker"])
         before, start = _sample(procs, engine), time.perf_counter()
-        result = asyncio.run(run_load(base_url, "bench", users, requests_per_user, max_tokens, extra_body=extra))
+        result = aio.run(run_load(base_url, "bench", users, requests_per_user, max_tokens, extra_body=extra))
         after, wall = _sample(procs, engine), time.perf_counter() - start
     finally:
         os.killpg(up.pid, signal.SIGINT)

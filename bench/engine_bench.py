@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bench import aio
 from bench.models import BenchModel, load_model
 from bench.procinfo import ForeignCpu
 from bench.prompts import chat_messages, prompt_ids
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             points.append(point)
 
     try:
-        asyncio.run(run_points())
+        aio.run(run_points())
     finally:
         if engine is not None:
             engine.stop()

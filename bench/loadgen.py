@@ -19,8 +19,8 @@ import sys
 import time
 from typing import Any
 
-import httpx
-
+from bench import aio
+from bench.http1 import Connection
 from bench.prompts import chat_messages
 from bench.schedule import add_requests_per_user, users_list
 from bench.stats import RequestRecord, Result, print_json, summarize
@@ -57,39 +57,43 @@ def _content(chunk: dict[str, Any]) -> tuple[str, int | None]:
 
 
 async def one_request(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], rec: RequestRecord | None = None
+    conn: Connection, path: str, body: dict[str, Any], rec: RequestRecord | None = None, timeout_s: float = 600.0
 ) -> RequestRecord:
-    """Send one streaming request; ``rec`` (filled as chunks come) lets a caller that cancels
+    """Send one streaming request; ``rec`` (filled as lines arrive) lets a caller that cancels
     this coroutine keep what it had measured."""
     rec = rec or RequestRecord(start=time.perf_counter())
     rec.start = time.perf_counter()
     chunks = 0
     usage_tokens: int | None = None
     last: float | None = None
+    ended = False
+
+    def on_line(line: bytes) -> None:
+        nonlocal chunks, usage_tokens, last, ended
+        if ended or not line.startswith(b"data:"):
+            return
+        data = line[5:].strip()
+        if data.startswith(b"[DONE]"):
+            ended = True
+            return
+        text, tokens = _content(json.loads(data))
+        if tokens is not None:
+            usage_tokens = tokens
+        if text:
+            now = time.perf_counter()
+            chunks += 1
+            rec.output_tokens = chunks
+            if last is None:
+                rec.ttft = now - rec.start
+            else:
+                rec.itl.append(now - last)
+            last = now
+
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")[:200]
-                rec.error = f"HTTP {resp.status_code}: {text}"
-                return rec
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data.startswith("[DONE]"):
-                    break
-                text, tokens = _content(json.loads(data))
-                if tokens is not None:
-                    usage_tokens = tokens
-                if text:
-                    now = time.perf_counter()
-                    chunks += 1
-                    rec.output_tokens = chunks
-                    if last is None:
-                        rec.ttft = now - rec.start
-                    else:
-                        rec.itl.append(now - last)
-                    last = now
+        status, error_body = await asyncio.wait_for(conn.post_json(path, body, on_line), timeout_s)
+        if status != 200:
+            rec.error = f"HTTP {status}: {error_body.decode(errors='replace')[:200]}"
+            return rec
         rec.e2e = time.perf_counter() - rec.start
         rec.output_tokens = usage_tokens if usage_tokens is not None else chunks
         if rec.output_tokens == 0:
@@ -121,29 +125,32 @@ async def run_load(
     cut (errors "cut at the hard cap"; the tokens they had produced still count).
     """
     prompts = prompts or chat_messages(16)
-    url = base_url.rstrip("/") + "/chat/completions"
-    limits = httpx.Limits(max_connections=users + 8, max_keepalive_connections=users + 8)
     headers = {"Authorization": "Bearer bench"}
     records: list[RequestRecord] = []
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s), headers=headers) as client:
-        start = time.perf_counter()
-        deadline = start + duration_s if duration_s else None
+    conns = [Connection(base_url, headers=headers) for _ in range(users)]  # one per user, kept alive
+    start = time.perf_counter()
+    deadline = start + duration_s if duration_s else None
 
-        async def user(u: int) -> None:
-            for k in range(requests_per_user):
-                if deadline is not None and time.perf_counter() >= deadline:
-                    return
-                messages = prompts[(u + k * users) % len(prompts)]
-                rec = RequestRecord(start=time.perf_counter())
-                records.append(rec)
-                await one_request(client, url, _body(model, messages, max_tokens, usage, extra_body or {}), rec)
+    async def user(u: int) -> None:
+        for k in range(requests_per_user):
+            if deadline is not None and time.perf_counter() >= deadline:
+                return
+            messages = prompts[(u + k * users) % len(prompts)]
+            rec = RequestRecord(start=time.perf_counter())
+            records.append(rec)
+            body = _body(model, messages, max_tokens, usage, extra_body or {})
+            await one_request(conns[u], "/chat/completions", body, rec, timeout_s)
 
+    try:
         tasks = [asyncio.ensure_future(user(u)) for u in range(users)]
         _, pending = await asyncio.wait(tasks, timeout=hard_cap_s)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         wall = time.perf_counter() - start
+    finally:
+        for conn in conns:
+            conn.close()
     cut = [r for r in records if r.e2e is None and r.error is None]
     for r in cut:
         r.error = f"cut at the hard cap ({hard_cap_s:g} s)"
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             out.append(res)
         return out
 
-    print_json([r.to_dict() for r in asyncio.run(go())], args.json_out)
+    print_json([r.to_dict() for r in aio.run(go())], args.json_out)
 
 
 if __name__ == "__main__":

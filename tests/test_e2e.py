@@ -6,6 +6,7 @@ so stream/non-stream equality, stops and lengths are exact).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -275,3 +276,16 @@ def test_a_request_past_the_job_timeout_ends_with_a_clear_error(stack: str, redi
         assert refused.value.response.headers["x-should-retry"] == "false"  # the SDKs would retry a 504
     finally:
         worker.stop()
+
+
+def test_the_bench_load_generator_measures_streams_and_refusals(stack: str) -> None:
+    from bench.loadgen import run_load
+
+    res = asyncio.run(run_load(stack + "/v1", MODEL, 3, 2, 8, extra_body={"ignore_eos": True}, system="e2e"))
+    assert (res.requests, res.completed, res.errors) == (6, 6, 0), res.error_samples
+    assert res.output_tokens == 48  # from the usage chunk, over keep-alive connections reused once each
+    assert res.ttft_ms["p50"] is not None and res.ttft_ms["p50"] > 0
+    assert res.itl_ms["p50"] is not None and res.tokens_per_request["min"] == res.tokens_per_request["max"] == 8
+    refused = asyncio.run(run_load(stack + "/v1", "no-such-model", 1, 2, 8, system="e2e"))
+    assert (refused.completed, refused.errors) == (0, 2)
+    assert refused.error_samples[0].startswith("HTTP 404") and "no-such-model" in refused.error_samples[0]
