@@ -4,7 +4,9 @@ Each user sends its requests back to back (the next one when the previous stream
 it has sent ``requests_per_user`` or the optional ``duration_s`` has passed (requests already
 started then still finish). Metrics follow ``bench.stats``. Output tokens come from the usage
 chunk (``stream_options.include_usage``) when the server sends one, else one per content chunk.
-A stream that ends without ``data: [DONE]`` (transformers serve) is not an error.
+A stream that ends without ``data: [DONE]`` (transformers serve) is not an error. Each user keeps
+one HTTP/1.1 connection (``bench.http1``: lines are read in the socket's callback, so the client
+costs little CPU beside the servers it measures, and a line's time is when its bytes arrived).
 
     python -m bench.loadgen --base-url http://127.0.0.1:8000/v1 --model SmolLM2-135M-Instruct \\
         --users 1,4,8 --requests-per-user 2 --max-tokens 64 --extra-body '{"ignore_eos": true}'

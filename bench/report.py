@@ -251,7 +251,8 @@ def markdown(data: dict[str, Any], png_name: str, json_path: Path | None) -> str
         "```",
         "",
         "- All systems run one after another on loopback on this machine; the load generator "
-        "(`bench/loadgen.py`, asyncio + httpx) shares the CPUs with the server under test.",
+        "(`bench/loadgen.py`: uvloop and its own HTTP/1.1 client, `bench/http1.py`) shares the CPUs with the server "
+        "under test.",
         "- TTFT: request sent → first non-empty content delta. ITL: gaps between content deltas. "
         "e2e: request sent → end of stream. tok/s: all output tokens / wall time of the point. "
         "Output tokens come from the usage chunk (`stream_options.include_usage`) or, without one, one per "
