@@ -182,6 +182,28 @@ def test_onednn_linears_match_torch_and_can_be_undone(tiny_model: object) -> Non
     embed = model.get_input_embeddings().weight
     for m in linears:
         assert m.weight.is_mkldnn == (m.weight is not embed)
+    # The packed layers may move to the plain layout for one or two rows (Layouts), a few per step.
+    layouts = model._onednn_layouts
+    assert layouts.owned and all(m.weight.is_mkldnn for m in layouts.owned)
+    layouts.small_rows_dense, layouts.DWELL_S, layouts.STEP_BUDGET_S = False, 0.0, 0.0
+    for _ in range(3):
+        layouts.fit(1)
+    assert layouts.packed and all(m.weight.is_mkldnn for m in layouts.owned)  # not where MKL was slower
+    layouts.small_rows_dense = True
+    layouts.fit(1)
+    assert layouts.packed  # the first step on the other side starts the dwell
+    layouts.fit(1)
+    assert not layouts.packed and sum(not m.weight.is_mkldnn for m in layouts.owned) == 1  # one layer per step
+    with torch.inference_mode():
+        mixed = model(input_ids=ids).logits  # layers in both layouts at once
+    while any(m.weight.is_mkldnn for m in layouts.owned):
+        layouts.fit(2)
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits
+    assert torch.allclose(mixed, expected, atol=1e-4) and torch.allclose(plain, expected, atol=1e-4)
+    layouts.set_packed(True)
+    assert all(m.weight.is_mkldnn for m in layouts.owned)
+    layouts.set_packed(False)
     # Inputs that need gradients still get them (through the plain kernel).
     model.train()
     model(input_ids=ids).logits.sum().backward()

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from tokenrelay.wire import SamplingParams
+from worker.cpu_kernels import fit_rows
 from worker.detokenize import IncrementalDetokenizer, StopText
 from worker.kvbatch import KVBatch, new_cache
 from worker.openmp import release_openmp_threads
@@ -378,6 +379,7 @@ class Engine:
             self._keep_rows(list(range(len(self._running) - 1)))
             self._waiting.appendleft(seq)
         input_ids = torch.tensor([[s.output_ids[-1]] for s in self._running], dtype=torch.long, device=self.device)
+        fit_rows(self.model, len(self._running))
         batch.grow()
         logits = self._forward(input_ids, batch, batch.positions.unsqueeze(1))
         batch.positions = batch.positions + 1

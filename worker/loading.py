@@ -104,7 +104,10 @@ def load(settings: WorkerSettings) -> Loaded:
         from worker.cpu_kernels import use_onednn_linears
 
         if count := use_onednn_linears(model):
-            log.info("%d float32 CPU linear layers run on oneDNN (--cpu-linear torch: MKL)", count)
+            layouts = getattr(model, "_onednn_layouts", None)
+            small = layouts is not None and layouts.small_rows_dense
+            log.info("%d float32 CPU linear layers run on oneDNN (--cpu-linear torch: MKL)%s", count,
+                     "; on MKL for one or two rows, where it measured faster" if small else "")
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(tokenizer, "model_max_length", 2048))
     eos: set[int] = set()

@@ -22,7 +22,8 @@ OPTIONS: list[Option] = [
     Option("--device-map", config.text, "auto", "accelerate device_map: auto, cpu, cuda:0, ..."),
     Option("--dtype", config.choice("auto", "float32", "bfloat16", "float16"), "auto", "weights dtype"),
     Option("--cpu-linear", config.choice("onednn", "torch"), "onednn",
-           "float32 linear layers on the CPU: oneDNN (faster for decoding here) or torch's default"),
+           "float32 linear layers on the CPU: oneDNN, packed (faster for decoding several rows; MKL's for "
+           "one or two rows where that measured faster at load), or torch's default (MKL)"),
     Option("--max-batch-size", config.int_in(1, 4096), 32, "most sequences generated at once"),
     Option("--kv-cache-memory", config.float_in(0.01), 4.0, "KV cache budget in GiB"),
     Option("--kv-cache-tokens", config.int_in(0), 0, "KV cache budget in tokens (0: from --kv-cache-memory)"),
