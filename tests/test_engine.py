@@ -189,3 +189,42 @@ def test_submit_gives_what_generate_gives_and_ends_on_a_failing_callback(loaded:
         asyncio.run(asyncio.wait_for(scenario(), 60))
     finally:
         engine.stop()
+
+
+def test_packed_linears_follow_the_row_count(tmp_path: Any) -> None:
+    """The engine tells the packed linears its row count each step; they move to the plain layout
+    for one row and back for many, a layer per step here, while the text stays greedy's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from worker.cpu_kernels import use_onednn_linears
+
+    path = make_tiny_llama(tmp_path / "tiny", seed=1)
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    prompt = _prompts(tok)[1]
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    expected = tok.decode(out[0][len(prompt):], skip_special_tokens=True).rstrip("\ufffd")
+    assert use_onednn_linears(model) > 0
+    layouts = model._onednn_layouts
+    layouts.small_rows_dense, layouts.DWELL_S, layouts.STEP_BUDGET_S = True, 0.0, 0.0
+    owned = layouts.owned
+    assert len(owned) < 30 and all(m.weight.is_mkldnn for m in owned)
+    engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id}, max_batch_size=4)
+    engine.start()
+
+    async def text(i: int, max_tokens: int) -> str:
+        parts = []
+        async for outs in engine.generate(f"r{i}", [prompt], n=1, max_tokens=[max_tokens],
+                                          params=SamplingParams(temperature=0, ignore_eos=True)):
+            parts.extend(o.text for o in outs)
+        return "".join(parts)
+
+    async def many() -> list[str]:
+        return list(await asyncio.gather(*(text(i, 40) for i in range(1, 5))))
+
+    try:
+        assert asyncio.run(text(0, 40)) == expected
+        assert not layouts.packed and not any(m.weight.is_mkldnn for m in owned)
+        assert asyncio.run(many()) == [expected] * 4
+        assert layouts.packed and all(m.weight.is_mkldnn for m in owned)
+    finally:
+        engine.stop()

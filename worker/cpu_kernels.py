@@ -22,6 +22,7 @@ gives the layers back their plain weights.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable
 from typing import Any
@@ -110,6 +111,19 @@ class Layouts:
                 module.weight = torch.nn.Parameter(new, requires_grad=False)
                 if time.perf_counter() >= end:
                     break
+        if not self._moving:
+            _return_free_memory()
+
+
+def _return_free_memory() -> None:
+    """Give the old layout's freed pages back to the system. glibc's malloc raises its mmap
+    threshold after large frees, so the new copies came from its heap and the old ones stay
+    resident once freed (SmolLM2: 1.77 GiB RSS at 32 users after a move, against 1.36)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def fit_rows(model: Any, rows: int) -> None:
