@@ -23,11 +23,14 @@ gives the layers back their plain weights.
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def _forward(module: torch.nn.Linear, op: Any, layouts: Layouts,
@@ -113,6 +116,7 @@ class Layouts:
                     break
         if not self._moving:
             _return_free_memory()
+            log.info("linear layers moved to the %s layout", "packed oneDNN" if self.packed else "plain (MKL)")
 
 
 def _return_free_memory() -> None:
