@@ -233,7 +233,7 @@ def test_two_workers_share_a_queue(redis_url: str, log_dir: Path, tiny_model: Pa
         start_worker(redis_url, log_dir, str(tiny_model), "tiny-pair", "--max-batch-size", "1", wait=i == 1)
         for i in range(2)
     ]
-    from tests.procs import wait_for_workers
+    from tests.procs import wait_for_workers, wait_until
 
     wait_for_workers(redis_url, "tiny-pair", 2)
     client = openai.OpenAI(base_url=stack + "/v1", api_key="x", max_retries=0, timeout=60)
@@ -245,7 +245,13 @@ def test_two_workers_share_a_queue(redis_url: str, log_dir: Path, tiny_model: Pa
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         ids = list(pool.map(one, range(4)))
-    served = [sum(1 for i in ids if i in w.log()) for w in workers]
+
+    def served_by() -> list[int]:
+        return [sum(1 for i in ids if i in w.log()) for w in workers]
+
+    # A worker logs a job after ending it in arq, which is after the client has its answer.
+    wait_until(lambda: sum(served_by()) == 4, 10, "every job in a worker's log")
+    served = served_by()
     for w in workers:
         w.stop()
     # Each worker takes one job at a time, so the other must have taken some.
