@@ -196,7 +196,7 @@ def test_packed_linears_follow_the_row_count(tmp_path: Any) -> None:
     for one row and back for many, a layer per step here, while the text stays greedy's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from worker.cpu_kernels import use_onednn_linears
+    from worker.cpu_kernels import layouts_of, use_onednn_linears
 
     path = make_tiny_llama(tmp_path / "tiny", seed=1)
     model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -204,7 +204,8 @@ def test_packed_linears_follow_the_row_count(tmp_path: Any) -> None:
     out = model.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False)
     expected = tok.decode(out[0][len(prompt):], skip_special_tokens=True).rstrip("\ufffd")
     assert use_onednn_linears(model) > 0
-    layouts = model._onednn_layouts
+    layouts = layouts_of(model)
+    assert layouts is not None
     layouts.small_rows_dense, layouts.DWELL_S, layouts.STEP_BUDGET_S = True, 0.0, 0.0
     owned = layouts.owned
     assert len(owned) < 30 and all(m.weight.is_mkldnn for m in owned)

@@ -161,7 +161,7 @@ def test_piled_up_outputs_merge_per_choice() -> None:
 def test_onednn_linears_match_torch_and_can_be_undone(tiny_model: object) -> None:
     from transformers import AutoModelForCausalLM
 
-    from worker.cpu_kernels import restore_linears, use_onednn_linears
+    from worker.cpu_kernels import layouts_of, restore_linears, use_onednn_linears
 
     # Tied, as SmolLM2: the output projection shares the input embeddings' weight.
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
@@ -183,7 +183,8 @@ def test_onednn_linears_match_torch_and_can_be_undone(tiny_model: object) -> Non
     for m in linears:
         assert m.weight.is_mkldnn == (m.weight is not embed)
     # The packed layers may move to the plain layout for one or two rows (Layouts), a few per step.
-    layouts = model._onednn_layouts
+    layouts = layouts_of(model)
+    assert layouts is not None
     assert layouts.owned and all(m.weight.is_mkldnn for m in layouts.owned)
     layouts.small_rows_dense, layouts.DWELL_S, layouts.STEP_BUDGET_S = False, 0.0, 0.0
     for _ in range(3):

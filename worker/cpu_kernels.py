@@ -32,6 +32,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+_LAYOUTS = "_onednn_layouts"  # where a packed model keeps its Layouts
+
 
 def _forward(module: torch.nn.Linear, op: Any, layouts: Layouts,
              copy: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -63,8 +65,8 @@ class Layouts:
     user 25.0 against 20.1 tok/s; docs/benchmarks-notes.md). Both layouts at once would cost a
     second copy of every weight, so the weights change layout instead (~0.25 s for all of
     SmolLM2's): once the steps have stayed ``DWELL_S`` on the other side of ``SMALL_ROWS``, a few
-    layers per step (as many as fit in ``STEP_BUDGET_S``, at least one), so no step stalls; a layer runs in whatever
-    layout it holds. ``small_rows_dense`` is False where MKL was not faster for one row when the
+    layers per step (as many as fit in ``STEP_BUDGET_S``, at least one), so no step stalls; a
+    layer runs in whatever layout it holds. ``small_rows_dense`` is False where MKL was not faster for one row when the
     model was packed; the layout then never changes.
     """
 
@@ -130,9 +132,15 @@ def _return_free_memory() -> None:
         pass
 
 
+def layouts_of(model: Any) -> Layouts | None:
+    """The ``Layouts`` of a model whose linears ``use_onednn_linears`` packed, else None."""
+    layouts: Layouts | None = model.__dict__.get(_LAYOUTS)  # not nn.Module's raising __getattr__
+    return layouts
+
+
 def fit_rows(model: Any, rows: int) -> None:
     """Let the model's packed linears pick their layout for ``rows`` rows (see ``Layouts``)."""
-    layouts = getattr(model, "_onednn_layouts", None)
+    layouts = layouts_of(model)
     if layouts is not None:
         layouts.fit(rows)
 
@@ -182,7 +190,7 @@ def _pack(model: Any) -> int:
         return 0
     shared = _shared_parameters(model)
     count = replaced = 0
-    layouts: Layouts | None = getattr(model, "_onednn_layouts", None)
+    layouts = layouts_of(model)
     if layouts is None:
         layouts = Layouts([], small_rows_dense=False)
     largest: tuple[torch.nn.Linear, torch.Tensor] | None = None  # (layer, its plain weight)
@@ -210,7 +218,7 @@ def _pack(model: Any) -> int:
     if largest is not None:
         weight = largest[1].detach()
         layouts.small_rows_dense = _dense_faster_for_one_row(weight, op, reorder(weight))
-        model._onednn_layouts = layouts
+        model.__dict__[_LAYOUTS] = layouts
     if replaced:
         # safetensors checkpoints are memory-mapped: the file's pages stay in the process until
         # every tensor loaded from it is gone, so the few that remain (the embeddings, norms) get
@@ -225,7 +233,7 @@ def _pack(model: Any) -> int:
 def restore_linears(model: Any) -> None:
     """Undo ``use_onednn_linears`` (the benchmark's plain-``generate`` baseline runs without it);
     other per-module forwards (accelerate's hooks) stay."""
-    model.__dict__.pop("_onednn_layouts", None)
+    model.__dict__.pop(_LAYOUTS, None)
     for module in model.modules():
         if not _is_ours(module):
             continue

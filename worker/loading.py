@@ -101,10 +101,10 @@ def load(settings: WorkerSettings) -> Loaded:
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.eval()
     if settings.cpu_linear == "onednn":
-        from worker.cpu_kernels import use_onednn_linears
+        from worker.cpu_kernels import layouts_of, use_onednn_linears
 
         if count := use_onednn_linears(model):
-            layouts = getattr(model, "_onednn_layouts", None)
+            layouts = layouts_of(model)
             small = layouts is not None and layouts.small_rows_dense
             log.info("%d float32 CPU linear layers run on oneDNN (--cpu-linear torch: MKL)%s", count,
                      "; on MKL for one or two rows, where it measured faster" if small else "")
