@@ -189,9 +189,7 @@ class Connection:
             self.close()
             _, proto = await asyncio.get_running_loop().create_connection(_Response, self.host, self.port)
             self._proto = proto
-        else:
-            proto._begin(None)
-        proto.on_line = on_line
+        proto._begin(on_line)
         payload = json.dumps(body).encode()
         head = (f"POST {self.prefix}{path} HTTP/1.1\r\n{self._headers}Content-Type: application/json\r\n"
                 f"Content-Length: {len(payload)}\r\n\r\n").encode()
