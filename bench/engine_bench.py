@@ -36,17 +36,19 @@ from tokenrelay.wire import SamplingParams
 from worker.cpu_kernels import restore_linears, use_onednn_linears
 from worker.engine import Engine
 from worker.openmp import release_openmp_threads
+from worker.settings import ENGINE_NICE
 
 _ids = itertools.count()
 
 
-def make_engine(bm: BenchModel, max_batch_size: int, kv_cache_tokens: int) -> Engine:
+def make_engine(bm: BenchModel, max_batch_size: int, kv_cache_tokens: int, nice: int = ENGINE_NICE) -> Engine:
     engine = Engine(
         model=bm.model,
         tokenizer=bm.tokenizer,
         eos_token_ids=bm.eos_token_ids,
         max_batch_size=max_batch_size,
         kv_cache_tokens=kv_cache_tokens,
+        nice=nice,
     )
     engine.start()
     return engine
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
         help="the engine's float32 CPU linears, as the worker's flag",
     )
     p.add_argument(
+        "--engine-nice", type=int, default=ENGINE_NICE, help="the engine thread's nice increment, as the worker's flag"
+    )
+    p.add_argument(
         "--plain-cpu-linear",
         choices=["onednn", "torch"],
         default="torch",
@@ -175,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         file=sys.stderr,
     )
     prompts = engine_prompts(bm)
-    engine = None if args.no_engine else make_engine(bm, args.max_batch_size or max(args.users), args.kv_cache_tokens)
+    engine = None if args.no_engine else make_engine(bm, args.max_batch_size or max(args.users), args.kv_cache_tokens,
+                                                         args.engine_nice)
     points: list[dict[str, Any]] = []
     skipped: list[str] = []
 

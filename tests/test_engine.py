@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
+import threading
 from typing import Any
 
 import pytest
@@ -229,3 +233,37 @@ def test_packed_linears_follow_the_row_count(tmp_path: Any) -> None:
         assert layouts.packed and all(m.weight.is_mkldnn for m in owned)
     finally:
         engine.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice is per thread on Linux only")
+def test_engine_threads_run_at_the_lower_priority(loaded: tuple[Any, Any]) -> None:
+    """The engine thread and the OpenMP workers it starts run ``nice`` lower; this thread does not."""
+    model, tok = loaded
+    engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id}, nice=3)
+    engine.start()
+    here = threading.get_native_id()
+    base = os.getpriority(os.PRIO_PROCESS, here)
+
+    def nice_of_threads() -> dict[int, int]:
+        out = {}
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):  # a thread may end while we look
+                out[int(task)] = os.getpriority(os.PRIO_PROCESS, int(task))
+        return out
+
+    seen: list[dict[int, int]] = []
+
+    async def scenario() -> None:
+        async for _ in engine.generate("r", [[1, 2, 3]], n=1, max_tokens=[8],
+                                       params=SamplingParams(temperature=0, ignore_eos=True)):
+            seen.append(nice_of_threads())  # mid-generation: the OpenMP team is up
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        engine.stop()
+    lowered = {tid for snapshot in seen for tid, nice in snapshot.items() if nice == min(19, base + 3)}
+    assert engine._thread.native_id in lowered
+    # torch's OpenMP team: the engine thread and num_threads - 1 workers cloned from it.
+    assert max(len({t for t, n in s.items() if n == min(19, base + 3)}) for s in seen) >= torch.get_num_threads()
+    assert os.getpriority(os.PRIO_PROCESS, here) == base

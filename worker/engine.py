@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -89,6 +91,11 @@ class Engine:
       kv_cache_tokens: budget of cached tokens, counted as rows x padded length; sequences
         that would exceed it wait, and the newest are preempted (recomputed later) if growth
         would pass it.
+      nice: how much lower the engine thread and its OpenMP workers run than the process's other
+        threads (a Linux nice increment, 0-19; ignored elsewhere). With the model's threads on
+        every core, the threads that move requests and tokens (this process's event loop, and
+        Redis and the gateway when they share the machine) otherwise wait for a time slice at
+        each wake-up: a first token's path has a dozen of those (docs/benchmarks-notes.md).
     """
 
     def __init__(
@@ -99,12 +106,14 @@ class Engine:
         eos_token_ids: set[int],
         max_batch_size: int = 32,
         kv_cache_tokens: int = 65536,
+        nice: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
         self.max_batch_size = max_batch_size
         self.kv_cache_tokens = kv_cache_tokens
+        self.nice = nice
         self.device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids, default=0)
         self._pad_id = int(pad)
@@ -218,6 +227,9 @@ class Engine:
 
     # ---- the engine thread -------------------------------------------------------------
     def _loop(self) -> None:
+        # Before the first parallel region: OpenMP workers are cloned from this thread and
+        # inherit its nice value (and are cloned anew after each idle moment).
+        _lower_priority(self.nice)
         with torch.inference_mode():
             while True:
                 idle = not self._running and not self._waiting
@@ -474,6 +486,17 @@ def _call_back(requests: list[_Request]) -> None:
             finished.set_result(None)
         elif end is not None:
             finished.set_exception(end)
+
+
+def _lower_priority(increment: int) -> None:
+    """Raise the calling thread's nice value by ``increment`` (Linux: nice is per thread)."""
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except OSError as exc:
+        log.warning("could not lower the engine thread's priority: %s", exc)
 
 
 def _forward_params(model: Any) -> set[str]:

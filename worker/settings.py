@@ -11,6 +11,7 @@ from typing import Any
 from tokenrelay import config
 from tokenrelay.config import Option
 
+ENGINE_NICE = 5  # docs/benchmarks-notes.md, "Who gets a core"
 DEFAULT_CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenrelay")
 
 OPTIONS: list[Option] = [
@@ -24,6 +25,9 @@ OPTIONS: list[Option] = [
     Option("--cpu-linear", config.choice("onednn", "torch"), "onednn",
            "float32 linear layers on the CPU: oneDNN, packed (faster for decoding several rows; MKL's for "
            "one or two rows where that measured faster at load), or torch's default (MKL)"),
+    Option("--engine-nice", config.int_in(0, 19), ENGINE_NICE,
+           "how much lower the engine thread runs on the CPU than the worker's event loop (Linux nice "
+           "increment), so relaying requests and tokens never waits behind the model for a core"),
     Option("--max-batch-size", config.int_in(1, 4096), 32, "most sequences generated at once"),
     Option("--kv-cache-memory", config.float_in(0.01), 4.0, "KV cache budget in GiB"),
     Option("--kv-cache-tokens", config.int_in(0), 0, "KV cache budget in tokens (0: from --kv-cache-memory)"),
@@ -64,6 +68,7 @@ class WorkerSettings:
     job_timeout: float
     cache_dir: str
     cpu_linear: str
+    engine_nice: int
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> WorkerSettings:
