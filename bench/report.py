@@ -192,6 +192,15 @@ def markdown(data: dict[str, Any], png_name: str, json_path: Path | None) -> str
             if data.get("hard_cap_s")
             else "."
         ),
+        *(
+            [
+                f"- Rounds: every system was measured {len(data['rounds'])} times, in turn (all systems, then all "
+                "again); each point is that system's best round by tok/s, and its note gives every round's "
+                "figure. Other tenants of this shared machine only ever slow a point down."
+            ]
+            if data.get("rounds")
+            else []
+        ),
         "",
         "## Targets",
         "",
