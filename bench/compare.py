@@ -438,12 +438,16 @@ def main(argv: list[str] | None = None) -> None:
     def save() -> None:
         json_path.write_text(json.dumps(run.out, indent=2) + "\n")
 
-    def attempt(name: str, fn: Callable[[], Any]) -> Any:
+    unavailable: set[str] = set()  # peers not installed here: not tried again in later rounds
+
+    def attempt(system: str, fn: Callable[[], Any], suffix: str = "") -> Any:
+        name = system + suffix
         log(f"{name}: starting")
         t = time.monotonic()
         try:
             value = fn()
         except peers.PeerUnavailable as exc:
+            unavailable.add(system)
             run.out["skipped"][name] = str(exc)
             log(f"{name}: skipped: {exc}")
             return None
@@ -462,23 +466,22 @@ def main(argv: list[str] | None = None) -> None:
         suffix = f" (round {r} of {args.rounds})" if args.rounds > 1 else ""
         measured: dict[str, list[dict[str, Any]]] = {}
         if "tokenrelay" in chosen:
-            res = attempt("tokenrelay" + suffix, lambda: system_tokenrelay(run))
+            res = attempt("tokenrelay", functools.partial(system_tokenrelay, run), suffix)
             if res is not None:
                 measured["tokenrelay"] = res
         if "engine" in chosen or "plain_generate" in chosen:
             both = attempt(
-                "engine+plain_generate" + suffix,
+                "engine+plain_generate",
                 functools.partial(system_in_process, run, "engine" in chosen, "plain_generate" in chosen),
+                suffix,
             )
             measured.update(both or {})
         for name, fn in (("transformers_serve", system_transformers_serve), ("llama_cpp", system_llama_cpp)):
             if name in chosen:
-                res = attempt(name + suffix, functools.partial(fn, run))
+                res = attempt(name, functools.partial(fn, run), suffix)
                 if res is not None:
                     measured[name] = res
-        # A peer that is not installed will not be in the next round either.
-        chosen = [c for c in chosen if not any(k.startswith(c) and not v.startswith("failed")
-                                               for k, v in run.out["skipped"].items())]
+        chosen = [c for c in chosen if c not in unavailable]
         rounds.append(measured)
         run.out["systems"] = best_of_rounds(rounds)
         save()

@@ -41,7 +41,7 @@ from worker.settings import ENGINE_NICE
 _ids = itertools.count()
 
 
-def make_engine(bm: BenchModel, max_batch_size: int, kv_cache_tokens: int, nice: int = ENGINE_NICE) -> Engine:
+def make_engine(bm: BenchModel, max_batch_size: int, kv_cache_tokens: int, nice: int) -> Engine:
     engine = Engine(
         model=bm.model,
         tokenizer=bm.tokenizer,
