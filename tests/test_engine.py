@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -60,6 +61,70 @@ def test_batched_text_equals_generate(loaded: tuple[Any, Any], max_batch_size: i
         assert asyncio.run(texts()) == expected
     finally:
         engine.stop()
+
+
+def test_holes_are_filled_in_place_and_compacted(loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows that end become holes; a waiting request no longer than the batch fills one in
+    place, a longer one joins by concatenation, and the batch is compacted when it would pass
+    ``max_batch_size`` rows: every text stays exactly what ``generate`` gives."""
+    from worker import kvbatch
+
+    model, tok = loaded
+    calls = {"fill": 0, "retire": 0, "select": 0, "extend": 0}
+    for name in calls:
+        original = getattr(kvbatch.KVBatch, name)
+
+        def counted(self: Any, *args: Any, _name: str = name, _original: Any = original) -> Any:
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(kvbatch.KVBatch, name, counted)
+    short = tok("Hi")["input_ids"]
+    long = tok("The quick brown fox jumps over the lazy dog. " * 8)["input_ids"]
+    # Four rows run; the fifth request waits for the first hole (its prompt fits), the sixth for
+    # the next one (its prompt is longer than the batch by then).
+    plan = [(short, 6), (tok("Numbers: 1 2 3")["input_ids"], 40), (tok("café")["input_ids"], 40),
+            (tok("Hello")["input_ids"], 40), (short, 6), (long, 10)]
+    # Each token and its logprob, as a plain forward over that sequence alone gives them: a row
+    # that read another's columns, or its own at the wrong positions, would differ here.
+    expected = []
+    for prompt, m in plan:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=m, min_new_tokens=m, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        ids = out.sequences[0][len(prompt):].tolist()
+        expected.append([(t, float(torch.log_softmax(lg[0], -1)[t])) for t, lg in zip(ids, out.logits, strict=True)])
+    engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id}, max_batch_size=4)
+    forward = engine._forward
+
+    def slow_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        time.sleep(0.005)  # steps long enough that all six requests are in before the first ends
+        return forward(*args, **kwargs)
+
+    engine._forward = slow_forward  # type: ignore[method-assign]
+    engine.start()
+
+    async def tokens() -> list[list[tuple[int, float]]]:
+        async def one(i: int) -> list[tuple[int, float]]:
+            prompt, m = plan[i]
+            await asyncio.sleep(0.001 * i)  # in this order
+            got = []
+            async for outs in engine.generate(f"r{i}", [prompt], n=1, max_tokens=[m],
+                                              params=SamplingParams(temperature=0, ignore_eos=True, logprobs=0)):
+                got += [(lp.token_id, lp.logprob) for o in outs for lp in o.logprobs]
+            return got
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(plan)))))
+
+    try:
+        got = asyncio.run(asyncio.wait_for(tokens(), 60))
+    finally:
+        engine.stop()
+    for mine, theirs in zip(got, expected, strict=True):
+        assert [t for t, _ in mine] == [t for t, _ in theirs]
+        assert [lp for _, lp in mine] == pytest.approx([lp for _, lp in theirs], abs=1e-4)
+    # The batch is never longer than its longest prompt plus 40 steps (the 40-token rows).
+    assert len(long) > max(len(p) for p, _ in plan[:5]) + 41
+    assert calls["fill"] >= 1 and calls["extend"] >= 1 and calls["select"] >= 1 and calls["retire"] >= 2, calls
 
 
 def test_cancel_frees_the_row(loaded: tuple[Any, Any]) -> None:

@@ -1,7 +1,8 @@
 """The engine: one model, one thread, continuous (iteration-level) batching.
 
 Every step, waiting sequences are prefilled together and join the running batch; then the
-whole batch decodes one token; finished or cancelled sequences leave at once. Each sequence
+whole batch decodes one token; finished or cancelled sequences leave at once (their rows become
+holes that the next arrivals fill in place; see worker/kvbatch.py). Each sequence
 keeps its own sampling settings, stop strings and seed, so requests of any mix share a batch.
 The engine knows nothing of HTTP, arq or Redis: callers iterate ``generate`` and read lists
 of ``ChoiceOutput`` (one list per step in which the request made progress), or ``submit`` a
@@ -98,6 +99,8 @@ class Engine:
         each wake-up: a first token's path has a dozen of those (docs/benchmarks-notes.md).
     """
 
+    HOLE_STEPS = 16  # steps a hole may wait for an arrival before the batch is compacted
+
     def __init__(
         self,
         *,
@@ -119,7 +122,9 @@ class Engine:
         self._pad_id = int(pad)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
+        # One entry per row of the batch; None is a hole (worker/kvbatch.py: KVBatch.retire).
+        self._running: list[_Sequence | None] = []
+        self._holes_since = 0  # self.steps when the batch last had no holes
         self._batch: KVBatch | None = None
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._cache_kwarg = "cache" if "cache" in _forward_params(model) else "past_key_values"
@@ -241,7 +246,7 @@ class Engine:
                     self._team_busy = False
                 if not self._drain_inbox(block=idle):
                     break
-                dead = {s.request.request_id for s in self._running if s.request.dead}
+                dead = {s.request.request_id for s in self._live() if s.request.dead}
                 if dead:
                     self._drop(dead)
                 self._team_busy |= bool(self._running or self._waiting)
@@ -273,22 +278,25 @@ class Engine:
         return True
 
     def _drop(self, request_ids: set[str]) -> None:
-        gone = {s.request.request_id: s.request for s in [*self._waiting, *self._running]
+        gone = {s.request.request_id: s.request for s in [*self._waiting, *self._live()]
                 if s.request.request_id in request_ids}
         self._waiting = deque(s for s in self._waiting if s.request.request_id not in request_ids)
-        keep = [i for i, s in enumerate(self._running) if s.request.request_id not in request_ids]
-        if len(keep) != len(self._running):
-            self._keep_rows(keep)
+        leaving = [i for i, s in enumerate(self._running) if s is not None and s.request.request_id in request_ids]
+        if leaving:
+            self._retire(leaving)
         for request in gone.values():
             request.send(_END)
 
     def _fail_all(self, error: Exception) -> None:
-        requests = {id(s.request): s.request for s in [*self._waiting, *self._running]}
+        requests = {id(s.request): s.request for s in [*self._waiting, *self._live()]}
         self._waiting.clear()
         self._running = []
         self._batch = None
         for request in requests.values():
             request.send(error)
+
+    def _live(self) -> list[_Sequence]:
+        return [s for s in self._running if s is not None]
 
     def _keep_rows(self, rows: list[int]) -> None:
         self._running = [self._running[i] for i in rows]
@@ -297,19 +305,47 @@ class Engine:
         elif self._batch is not None:
             self._batch.select(rows)
 
+    def _retire(self, rows: list[int]) -> None:
+        """Rows whose sequence ended become holes; an all-hole batch is dropped."""
+        if not any(s is None for s in self._running):
+            self._holes_since = self.steps
+        for row in rows:
+            self._running[row] = None
+        if not self._live():
+            self._running, self._batch = [], None
+        elif self._batch is not None:
+            self._batch.retire(rows)
+
+    def _compact(self, force: bool = False) -> None:
+        """Drop the holes (a copy of the whole cache) once they cost more than they save.
+
+        A hole costs its share of each step until an arrival fills it; compacting costs about
+        half a step (SmolLM2, 32 rows). So holes stay while arrivals may come: compact when they
+        are half the batch, when they have been there ``HOLE_STEPS`` steps, or when ``force``.
+        """
+        holes = sum(s is None for s in self._running)
+        if not holes:
+            return
+        if force or 2 * holes >= len(self._running) or self.steps - self._holes_since >= self.HOLE_STEPS:
+            self._keep_rows([i for i, s in enumerate(self._running) if s is not None])
+
     def _footprint(self, rows: int, length: int) -> int:
         return rows * length
 
     def _admit(self) -> None:
         """Move waiting sequences into the batch while rows and the KV budget allow."""
         length = self._batch.length if self._batch is not None else 0
+        live = len(self._live())
+        holes = len(self._running) - live
         admitted: list[_Sequence] = []
-        while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
+        while self._waiting and live + len(admitted) < self.max_batch_size:
             seq = self._waiting[0]
             new_length = max(length, len(seq.token_ids()) + 1)
-            rows = len(self._running) + len(admitted) + 1
+            added = len(admitted) + 1
+            # Holes take arrivals no longer than the batch (_prefill).
+            rows = len(self._running) + (max(0, added - holes) if new_length == length else added)
             # Leave a tenth of the budget for the batch to grow before anyone is preempted.
-            if (admitted or self._running) and self._footprint(rows, new_length) > 0.9 * self.kv_cache_tokens:
+            if (admitted or live) and self._footprint(rows, new_length) > 0.9 * self.kv_cache_tokens:
                 break
             admitted.append(self._waiting.popleft())
             length = new_length
@@ -372,33 +408,65 @@ class Engine:
             part.select(row_of)
             logits = logits[torch.tensor(row_of, device=logits.device)]
         keep = self._sample_and_emit(seqs, logits)
-        part.select(keep)
         if not keep:
             return
+        part.select(keep)
+        joining: list[_Sequence | None] = [seqs[i] for i in keep]
         if self._batch is None:
-            self._batch = part
-        else:
-            self._batch.extend(part)
-        self._running.extend(seqs[i] for i in keep)
+            self._batch, self._running = part, joining
+            return
+        holes = [i for i, s in enumerate(self._running) if s is None]
+        if holes and part.length <= self._batch.length:
+            # In place: no copy of the running rows' cache (worker/kvbatch.py).
+            slots = holes[: part.rows]
+            rest = list(range(len(slots), part.rows))
+            self._batch.fill(slots, part, list(range(len(slots))))
+            if rest:
+                part.select(rest)
+            for slot, seq in zip(slots, joining, strict=False):
+                self._running[slot] = seq
+            if not any(s is None for s in self._running):
+                self._holes_since = self.steps
+            if not rest:
+                return
+            joining = joining[len(slots):]
+        self._batch.extend(part)
+        self._running.extend(joining)
 
     def _decode(self) -> None:
-        batch = self._batch
-        assert batch is not None
+        self._compact(force=len(self._running) > self.max_batch_size)
         # Preempt the newest sequences if one more column would pass the budget; they are
         # recomputed from their tokens when they are admitted again.
-        while len(self._running) > 1 and self._footprint(batch.rows, batch.length + 1) > self.kv_cache_tokens:
+        budget = self.kv_cache_tokens
+        while self._batch is not None and self._footprint(self._batch.rows, self._batch.length + 1) > budget:
+            if any(s is None for s in self._running):
+                self._compact(force=True)
+                continue
+            if len(self._running) <= 1:
+                break
             seq = self._running[-1]
+            assert seq is not None
             self._keep_rows(list(range(len(self._running) - 1)))
             self._waiting.appendleft(seq)
-        input_ids = torch.tensor([[s.output_ids[-1]] for s in self._running], dtype=torch.long, device=self.device)
-        fit_rows(self.model, len(self._running))
+        batch = self._batch
+        assert batch is not None
+        running = self._running
+        live = [i for i, s in enumerate(running) if s is not None]
+        input_ids = torch.tensor([[s.output_ids[-1] if s is not None else self._pad_id] for s in running],
+                                 dtype=torch.long, device=self.device)
+        fit_rows(self.model, len(running))
         batch.grow()
         logits = self._forward(input_ids, batch, batch.positions.unsqueeze(1))
         batch.positions = batch.positions + 1
         self.steps += 1
-        keep = self._sample_and_emit(self._running, logits)
-        if len(keep) != len(self._running):
-            self._keep_rows(keep)
+        if len(live) != len(running):
+            holes = torch.tensor([i for i, s in enumerate(running) if s is None], device=batch.positions.device)
+            batch.positions[holes] = 0
+            logits = logits[torch.tensor(live, device=logits.device)]
+        keep = self._sample_and_emit([s for s in running if s is not None], logits)  # the rows in `live`
+        if len(keep) != len(live):
+            kept = set(keep)
+            self._retire([row for j, row in enumerate(live) if j not in kept])
 
     def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
         """Sample one token per sequence, send the text; returns the rows still running."""
