@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -226,6 +227,25 @@ def test_cpu_linear_setting_is_strict() -> None:
     with pytest.raises(config.ConfigError, match="--cpu-linear"):
         config.resolve(OPTIONS, {"model": "m", "cpu_linear": "mkl"}, {})
 
+
+
+def test_engine_builds_the_mask_only_for_plain_causal_sdpa() -> None:
+    """Sliding windows, chunked attention and other attention kernels get transformers' own mask."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from worker.engine import _plain_sdpa
+
+    def config(cls: Any, attn: str = "sdpa", **kwargs: Any) -> Any:
+        c = cls(**kwargs)
+        c._attn_implementation = attn
+        return c
+
+    assert _plain_sdpa(config(LlamaConfig))
+    assert not _plain_sdpa(config(LlamaConfig, attn="eager"))
+    assert not _plain_sdpa(config(MistralConfig, sliding_window=4096))
+    assert _plain_sdpa(config(MistralConfig, sliding_window=None))
+    assert _plain_sdpa(config(Qwen2Config, use_sliding_window=False))
+    assert not _plain_sdpa(config(Qwen2Config, use_sliding_window=True, sliding_window=64, max_window_layers=0))
 
 
 def test_roomy_cache_layer_matches_dynamic_layer() -> None:

@@ -128,6 +128,7 @@ class Engine:
         self._batch: KVBatch | None = None
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._cache_kwarg = "cache" if "cache" in _forward_params(model) else "past_key_values"
+        self._mask_4d = _plain_sdpa(model.config)
         self.steps = 0
         self._team_busy = False  # this thread has run model work since it last released its team
 
@@ -358,7 +359,7 @@ class Engine:
         """Logits of the last position [rows, vocab], or of every position [rows, length, vocab]."""
         out = self.model(
             input_ids=input_ids,
-            attention_mask=batch.mask,
+            attention_mask=self._attention_mask(batch, input_ids.shape[1]) if self._mask_4d else batch.mask,
             position_ids=position_ids,
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
@@ -366,6 +367,19 @@ class Engine:
         )
         logits: torch.Tensor = out.logits if all_logits else out.logits[:, -1, :]
         return logits
+
+    def _attention_mask(self, batch: KVBatch, width: int) -> torch.Tensor:
+        """The 4-D boolean mask SDPA reads, built here in one or two operations: transformers
+        builds it from the 2-D mask through its mask functions, ~12 % of a step's CPU on a tiny
+        model. ``width`` new tokens: one (a decode step), or the whole prefill (a fresh cache)."""
+        mask = batch.mask.bool()
+        if width == 1:
+            return mask[:, None, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
+        # A padding position attends to itself, so no row of the mask is empty (that gives NaN
+        # in SDPA, and a NaN key or value spoils even the rows that mask it out).
+        full = (causal & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=mask.device)
+        return full[:, None, :, :]
 
     def _prompt_logprobs(self, seq: _Sequence, logits: torch.Tensor) -> list[TokenLogprob | None]:
         """``logits`` is this prompt's prefill row [width, vocab], the prompt right-aligned."""
@@ -565,6 +579,19 @@ def _lower_priority(increment: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
     except OSError as exc:
         log.warning("could not lower the engine thread's priority: %s", exc)
+
+
+def _plain_sdpa(config: Any) -> bool:
+    """Whether the model attends with SDPA, causally over every cached token: then the engine
+    may hand it a ready 4-D mask. Sliding windows and chunked attention need transformers' own."""
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "attention_chunk_size", None):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(t == "full_attention" for t in layer_types)
+    return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
 
 
 def _forward_params(model: Any) -> set[str]:
