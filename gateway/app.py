@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
@@ -22,6 +21,7 @@ from gateway.relay import Relay
 from gateway.routes import ROUTES, Gateway
 from gateway.settings import GatewaySettings
 from tokenrelay import wire
+from tokenrelay.redispool import ConcurrentConnectionPool
 
 # Requests in flight each hold a pooled connection while they enqueue, check liveness or cancel;
 # the pool must outgrow what can happen at once, or a request fails with "Too many connections".
@@ -34,7 +34,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Not arq's create_pool: it PINGs (and retries for seconds) at startup, but the gateway
         # must start without Redis so /health answers and /ready can report it.
-        pool = ConnectionPool.from_url(
+        pool = ConcurrentConnectionPool.from_url(
             settings.redis_url,
             max_connections=MAX_REDIS_CONNECTIONS,
             socket_connect_timeout=3,

@@ -170,6 +170,49 @@ def test_batch_claim_takes_only_free_due_jobs_up_to_its_room(redis_url: str) -> 
     _run(redis_url, body)
 
 
+def test_a_released_job_frees_its_place_before_it_ends(redis_url: str) -> None:
+    """capacity counts jobs that generate; one that released its place (its last event is out)
+    and is still writing its result does not keep the next job waiting."""
+    queue = f"test:queue:{uuid.uuid4().hex[:8]}"
+    released, finish = asyncio.Event(), asyncio.Event()
+    started: list[str] = []
+    pokes: list[int] = []
+
+    async def job(ctx: dict[str, Any], *_: Any) -> None:
+        started.append(ctx["job_id"])
+        await released.wait()
+        ctx["release"]()
+        ctx["release"]()  # once only
+        await finish.wait()
+
+    async def body(pool: ArqRedis) -> None:
+        ids = [f"j{i}-{uuid.uuid4().hex[:6]}" for i in range(2)]
+        for job_id in ids:
+            await pool.enqueue_job("job", _job_id=job_id, _queue_name=queue)
+        worker = BatchWorker(functions=[func(job, name="job")], queue_name=queue, redis_pool=pool,
+                             redis_settings=RedisSettings(), capacity=1, max_jobs=2, poll_delay=0.01,
+                             burst=True, handle_signals=False, on_release=lambda: pokes.append(1))
+        await worker.claim()
+        assert len(worker.tasks) == 1 and worker.holding == 1
+        await asyncio.sleep(0.05)
+        await worker.claim()  # the first still holds the one place
+        assert len(worker.tasks) == 1
+        released.set()
+        await asyncio.sleep(0.05)
+        assert worker.holding == 0 and pokes == [1]
+        await worker.claim()
+        assert sorted(worker.tasks) == sorted(ids)  # the first is still running, writing its result
+        await asyncio.sleep(0.05)
+        assert started == [started[0], *(i for i in ids if i != started[0])]
+        finish.set()
+        await asyncio.gather(*worker.tasks.values())
+        await asyncio.sleep(0.01)  # arq's done-callbacks
+        assert worker.holding == 0 and worker.job_counter == 0
+        await worker.close()
+
+    _run(redis_url, body)
+
+
 def test_claim_hands_over_try_and_cancel_marker_and_ends_jobs_as_arq_does(redis_url: str) -> None:
     queue = f"test:queue:{uuid.uuid4().hex[:8]}"
     seen: dict[str, tuple[int, bool]] = {}
@@ -222,5 +265,31 @@ def test_a_quiet_reply_channel_outlasts_the_pools_socket_timeout(redis_url: str)
             await subscriber.aclose()
         finally:
             await pool.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_pool_never_hands_out_a_connection_with_a_reply_waiting(redis_url: str) -> None:
+    """ConcurrentConnectionPool skips redis-py's socket read for an idle connection; a reply that
+    arrived after release must still send that connection through redis-py's check."""
+    from tokenrelay.redispool import ConcurrentConnectionPool
+
+    async def main() -> None:
+        pool = ConcurrentConnectionPool.from_url(redis_url, max_connections=1)
+        client = aioredis.Redis(connection_pool=pool)
+        try:
+            assert await client.echo("first") == b"first"
+            connection = await pool.get_connection("ECHO")
+            await connection.send_command("ECHO", "stale")  # and never read
+            await pool.release(connection)
+            await asyncio.sleep(0.1)  # the reply lands in the connection's buffer
+            assert await client.echo("fresh") == b"fresh"
+            # Many commands at once on a larger pool: each gets its own answer.
+            wide = aioredis.Redis(connection_pool=ConcurrentConnectionPool.from_url(redis_url, max_connections=256))
+            words = [f"w{i}" for i in range(200)]
+            assert await asyncio.gather(*(wide.echo(w) for w in words)) == [w.encode() for w in words]
+            await wide.aclose()
+        finally:
+            await client.aclose()
 
     asyncio.run(main())

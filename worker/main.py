@@ -18,6 +18,7 @@ from arq.worker import func
 from redis.exceptions import RedisError
 
 from tokenrelay import wire
+from tokenrelay.redispool import ConcurrentConnectionPool
 from worker.engine import Engine
 from worker.loading import Loaded, load
 from worker.queue import BatchWorker, QueueWaker
@@ -67,6 +68,8 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
         job_serializer=wire.serialize_job,
         job_deserializer=wire.deserialize_job,
     )
+    plain, redis.connection_pool = redis.connection_pool, ConcurrentConnectionPool.like(redis.connection_pool)
+    await plain.disconnect()
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     budget = kv_budget_tokens(settings, loaded)
     info = wire.WorkerInfo(
@@ -86,8 +89,9 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
     waker: QueueWaker | None = None
 
     async def after_job_end(ctx: dict[str, Any]) -> None:
-        # A row is free again: take the next queued job now rather than at the next tick. arq
-        # frees the row in a done-callback of this very task, so poke just after that has run.
+        # One of arq's slots is free again (they bind only when many jobs are writing their
+        # results at once): take the next queued job now rather than at the next tick. arq frees
+        # the slot in a done-callback of this very task, so poke just after that has run.
         if waker is not None:
             asyncio.get_running_loop().call_later(0.001, waker.poke)
 
@@ -98,8 +102,11 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
         queue_name=wire.queue_name(settings.served_model_name),
         redis_pool=redis,
         # A job is only taken when the engine has a free row, so a busy worker leaves the rest
-        # in Redis for other workers.
-        max_jobs=settings.max_batch_size,
+        # in Redis for other workers; jobs past their last event, writing their result, hold
+        # no row (up to as many again).
+        capacity=settings.max_batch_size,
+        max_jobs=2 * settings.max_batch_size,
+        on_release=lambda: waker.poke() if waker is not None else None,
         # Read past the jobs other workers are running, or a free row could starve behind them.
         queue_read_limit=4 * settings.max_batch_size,
         poll_delay=settings.poll_delay,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from arq.jobs import deserialize_job_raw, serialize_result
@@ -58,19 +59,31 @@ class BatchWorker(Worker):  # type: ignore[misc]  # arq is not type-checked here
     returns the jobs, with their try numbers and whether the gateway has cancelled them
     (``ctx["cancelled"]``), and ``_run_claimed`` runs each with arq's result and cleanup.
 
-    Keyword arguments are arq's ``Worker``'s. Jobs still end in arq's format (result key,
-    in-progress key deleted, removed from the queue), so arq's ``Job.status()`` reads them.
+    A job holds one of ``capacity`` places (the engine's rows) only until it calls
+    ``ctx["release"]()`` (or ends): writing its result to Redis afterwards takes one of arq's
+    ``max_jobs`` slots but no place. Under a closed loop a user's next request arrives while the
+    previous job is still writing its result; counting that job as busy made the new one wait
+    for that round trip and the next wake-up.
+
+    Keyword arguments are arq's ``Worker``'s, plus ``capacity`` (default: ``max_jobs``, which
+    should then leave room above it) and ``on_release``, called after each release. Jobs still
+    end in arq's format (result key, in-progress key deleted, removed from the queue), so arq's
+    ``Job.status()`` reads them.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, capacity: int | None = None, on_release: Callable[[], None] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.capacity: int = self.max_jobs if capacity is None else capacity
+        self.holding = 0  # jobs claimed and not yet released
+        self._on_release = on_release
         self._claim_script: Any = None  # registered once arq has its Redis pool
         self._claiming = asyncio.Lock()  # a wake-up's claim and arq's timer poll may overlap
 
     async def claim(self) -> None:
         """Take every due job this worker has room for, and start them."""
         async with self._claiming:
-            room = self.max_jobs - self.job_counter
+            room = min(self.capacity - self.holding, self.max_jobs - self.job_counter)
             if room <= 0:
                 return
             if self._claim_script is None:
@@ -85,6 +98,7 @@ class BatchWorker(Worker):  # type: ignore[misc]  # arq is not type-checked here
                 job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
                 await self.sem.acquire()  # never waits: ``room`` counted the free slots
                 self.job_counter += 1
+                self.holding += 1
                 task = self.loop.create_task(
                     self._run_claimed(job_id, int(float(score)), payload, int(job_try), bool(cancelled)))
                 task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
@@ -107,10 +121,27 @@ class BatchWorker(Worker):  # type: ignore[misc]  # arq is not type-checked here
     async def _run_claimed(self, job_id: str, score: int, payload: bytes, job_try: int, cancelled: bool) -> None:
         """arq's ``run_job`` for a job already fetched: one log line per job, where arq wrote two
         with the payload's repr."""
-        start_ms = timestamp_ms()
-        function_name, args, kwargs, enqueue_time_ms = "<unknown>", (), {}, 0
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.holding -= 1
+                if self._on_release is not None:
+                    self._on_release()
+
         ctx: dict[str, Any] = {**self.ctx, "job_id": job_id, "job_try": job_try, "score": score,
-                               "cancelled": cancelled}
+                               "cancelled": cancelled, "release": release}
+        try:
+            await self._run_job(job_id, payload, ctx)
+        finally:
+            release()
+
+    async def _run_job(self, job_id: str, payload: bytes, ctx: dict[str, Any]) -> None:
+        start_ms = timestamp_ms()
+        job_try: int = ctx["job_try"]
+        function_name, args, kwargs, enqueue_time_ms = "<unknown>", (), {}, 0
         success = False
         result: Any = None
         function: Any = None

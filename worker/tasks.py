@@ -248,5 +248,12 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     runtime: Runtime = ctx["runtime"]
     # worker.queue.BatchWorker reads the cancel marker as it claims the job; plain arq does not.
     marked = ctx.get("cancelled")
-    await runtime.run(payload, int(ctx.get("job_try", 1)), None if marked is None else bool(marked))
+    try:
+        await runtime.run(payload, int(ctx.get("job_try", 1)), None if marked is None else bool(marked))
+    finally:
+        # The engine row is free and the last event is out: the next job may start while arq
+        # writes this one's result (worker/queue.py: BatchWorker).
+        release = ctx.get("release")
+        if release is not None:
+            release()
 
