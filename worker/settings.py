@@ -11,7 +11,7 @@ from typing import Any
 from tokenrelay import config
 from tokenrelay.config import Option
 
-ENGINE_NICE = 0  # off: it cost SmolLM2 throughput at 32 users (docs/benchmarks-notes.md, "Who gets a core")
+ENGINE_NICE = 19  # the relay first: docs/benchmarks-notes.md, "Who gets a core" (both sessions)
 DEFAULT_CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenrelay")
 
 OPTIONS: list[Option] = [
@@ -27,8 +27,8 @@ OPTIONS: list[Option] = [
            "one or two rows where that measured faster at load), or torch's default (MKL)"),
     Option("--engine-nice", config.int_in(0, 19), ENGINE_NICE,
            "how much lower the engine thread runs on the CPU than the worker's event loop (Linux nice "
-           "increment): relaying requests and tokens then never waits behind the model for a core, "
-           "at some cost to the model's throughput; for models that are fast next to the relay"),
+           "increment; 0: the same): relaying requests and tokens then never waits behind the model "
+           "for a core; the model takes whatever CPU nothing else on the machine wants"),
     Option("--max-batch-size", config.int_in(1, 4096), 32, "most sequences generated at once"),
     Option("--kv-cache-memory", config.float_in(0.01), 4.0, "KV cache budget in GiB"),
     Option("--kv-cache-tokens", config.int_in(0), 0, "KV cache budget in tokens (0: from --kv-cache-memory)"),
