@@ -128,7 +128,9 @@ class Engine:
         self._batch: KVBatch | None = None
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._cache_kwarg = "cache" if "cache" in _forward_params(model) else "past_key_values"
-        self._mask_4d = _plain_sdpa(model.config)
+        # On the CPU only: elsewhere SDPA may pick a kernel (flash) that a mask rules out, and
+        # transformers passes none where no row is padded.
+        self._mask_4d = self.device.type == "cpu" and _plain_sdpa(model.config)
         self.steps = 0
         self._team_busy = False  # this thread has run model work since it last released its team
 
