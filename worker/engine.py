@@ -124,7 +124,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         # One entry per row of the batch; None is a hole (worker/kvbatch.py: KVBatch.retire).
         self._running: list[_Sequence | None] = []
-        self._holes_since = 0  # self.steps when the batch last had no holes
+        self._holes_since = 0  # self.steps when the first of the present holes appeared (_retire)
         self._batch: KVBatch | None = None
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._cache_kwarg = "cache" if "cache" in _forward_params(model) else "past_key_values"
@@ -441,8 +441,6 @@ class Engine:
                 part.select(rest)
             for slot, seq in zip(slots, joining, strict=False):
                 self._running[slot] = seq
-            if not any(s is None for s in self._running):
-                self._holes_since = self.steps
             if not rest:
                 return
             joining = joining[len(slots):]

@@ -68,6 +68,8 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
         job_serializer=wire.serialize_job,
         job_deserializer=wire.deserialize_job,
     )
+    # create_pool waits for Redis (retrying) but builds redis-py's own pool: swap in ours (same
+    # settings), which hands out connections without an event-loop turn (tokenrelay/redispool.py).
     plain, redis.connection_pool = redis.connection_pool, ConcurrentConnectionPool.like(redis.connection_pool)
     await plain.disconnect()
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
