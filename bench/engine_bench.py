@@ -36,18 +36,20 @@ from tokenrelay.wire import SamplingParams
 from worker.cpu_kernels import restore_linears, use_onednn_linears
 from worker.engine import Engine
 from worker.openmp import release_openmp_threads
-from worker.settings import ENGINE_NICE
+from worker.settings import ENGINE_NICE, PREFIX_CACHE_TOKENS
 
 _ids = itertools.count()
 
 
-def make_engine(bm: BenchModel, max_batch_size: int, kv_cache_tokens: int, nice: int) -> Engine:
+def make_engine(bm: BenchModel, max_batch_size: int, kv_cache_tokens: int, nice: int,
+                prefix_cache_tokens: int = PREFIX_CACHE_TOKENS) -> Engine:
     engine = Engine(
         model=bm.model,
         tokenizer=bm.tokenizer,
         eos_token_ids=bm.eos_token_ids,
         max_batch_size=max_batch_size,
         kv_cache_tokens=kv_cache_tokens,
+        prefix_cache_tokens=prefix_cache_tokens,
         nice=nice,
     )
     engine.start()
@@ -148,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--engine-nice", type=int, default=ENGINE_NICE, help="the engine thread's nice increment, as the worker's flag"
     )
+    p.add_argument("--prefix-cache-tokens", type=int, default=PREFIX_CACHE_TOKENS,
+                   help="prompt-prefix cache, as the worker's flag (0: off)")
     p.add_argument(
         "--plain-cpu-linear",
         choices=["onednn", "torch"],
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     prompts = engine_prompts(bm)
     engine = None if args.no_engine else make_engine(bm, args.max_batch_size or max(args.users), args.kv_cache_tokens,
-                                                         args.engine_nice)
+                                                         args.engine_nice, args.prefix_cache_tokens)
     points: list[dict[str, Any]] = []
     skipped: list[str] = []
 

@@ -127,6 +127,75 @@ def test_holes_are_filled_in_place_and_compacted(loaded: tuple[Any, Any], monkey
     assert calls["fill"] >= 1 and calls["extend"] >= 1 and calls["select"] >= 1 and calls["retire"] >= 2, calls
 
 
+def _greedy(model: Any, prompt: list[int], m: int) -> list[tuple[int, float]]:
+    """Each token of a greedy continuation and its logprob, from ``generate`` on the prompt alone."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=m, min_new_tokens=m, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    ids = out.sequences[0][len(prompt):].tolist()
+    return [(t, float(torch.log_softmax(lg[0], -1)[t])) for t, lg in zip(ids, out.logits, strict=True)]
+
+
+@pytest.mark.parametrize("own_mask", [True, False], ids=["engine-mask", "transformers-mask"])
+def test_cached_prefixes_give_what_a_plain_forward_gives(loaded: tuple[Any, Any], own_mask: bool) -> None:
+    """A prefill that starts from cached prefixes: rows whose prefix is cut to the batch's,
+    a row with none (zeros, then padding up to its tokens), and prompt logprobs, which need
+    every position and so never start from the cache. Every token and logprob as ``generate``,
+    with the engine's 4-D mask and with the 2-D one transformers expands (as on a GPU)."""
+    model, tok = loaded
+    x = tok(" ".join(["The quick brown fox jumps over the lazy dog."] * 6))["input_ids"]
+    assert len(x) >= 50
+    a = x[:50]  # cached first: its first 48 tokens (three blocks)
+    b = x[:40] + x[5:10]  # 45 tokens: 32 of them cached (the last block must leave one to compute)
+    c = x[:50] + x[1:4]  # 48 cached, cut to the batch's 32
+    d = tok("café 東京")["input_ids"]  # nothing cached
+    assert len(d) < 16
+    e = x[:16] + d  # one block cached: zeros, then it, right-aligned in the batch's 32
+    wave = [b, c, d, a, e]
+    m = 6
+    expected = {tuple(p): _greedy(model, p, m) for p in [a, *wave]}
+    engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id}, prefix_cache_tokens=256)
+    assert engine._mask_4d
+    engine._mask_4d = own_mask
+    engine.start()
+    params = SamplingParams(temperature=0, ignore_eos=True, logprobs=0)
+
+    async def run(request_id: str, prompts: list[list[int]], n: int, echo: bool = False) -> dict[int, list[Any]]:
+        got: dict[int, list[Any]] = {}
+        async for outs in engine.generate(request_id, prompts, n=n, max_tokens=[m] * len(prompts), params=params,
+                                          prompt_logprobs=echo):
+            for o in outs:
+                got.setdefault(o.index, []).append(o)
+        return got
+
+    try:
+        first = asyncio.run(run("a", [a], 1))
+        assert engine.prefixes is not None and engine.prefixes.tokens == 48 and engine.prefixes.hit_tokens == 0
+        # One request, so one prefill: b, c and a start from 32 cached tokens, e from 16, d from none.
+        together = asyncio.run(run("wave", wave, 2))
+        assert engine.prefixes.hit_tokens == 3 * 32 + 16
+        echoed = asyncio.run(run("echo", [a], 1, echo=True))
+        assert engine.prefixes.hit_tokens == 3 * 32 + 16
+    finally:
+        engine.stop()
+
+    def tokens(outs: list[Any]) -> list[tuple[int, float]]:
+        return [(lp.token_id, lp.logprob) for o in outs for lp in o.logprobs]
+
+    runs = [(first, [a], 1), (together, wave, 2), (echoed, [a], 1)]
+    for got, prompts, n in runs:
+        assert sorted(got) == list(range(len(prompts) * n))
+        for index, outs in got.items():
+            want = expected[tuple(prompts[index // n])]
+            assert [t for t, _ in tokens(outs)] == [t for t, _ in want]
+            assert [lp for _, lp in tokens(outs)] == pytest.approx([lp for _, lp in want], abs=1e-4)
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([a])).logits[0].float(), -1)
+    prompt_lps = echoed[0][0].prompt_logprobs
+    assert prompt_lps is not None and len(prompt_lps) == len(a)
+    assert [lp.logprob for lp in prompt_lps[1:] if lp] == pytest.approx(
+        [float(full[j, a[j + 1]]) for j in range(len(a) - 1)], abs=1e-4)
+
+
 def test_cancel_frees_the_row(loaded: tuple[Any, Any]) -> None:
     model, tok = loaded
     engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id}, max_batch_size=1)

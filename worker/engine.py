@@ -30,6 +30,7 @@ from worker.detokenize import IncrementalDetokenizer, StopText
 from worker.kvbatch import KVBatch, new_cache
 from worker.openmp import release_openmp_threads
 from worker.outputs import ChoiceOutput, merge
+from worker.prefixcache import LayerKV, PrefixCache
 from worker.sampling import Constraint, RowState, TokenLogprob, sample
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class Engine:
       kv_cache_tokens: budget of cached tokens, counted as rows x padded length; sequences
         that would exceed it wait, and the newest are preempted (recomputed later) if growth
         would pass it.
+      prefix_cache_tokens: how many prompt tokens' KV to keep for prompts that start alike
+        (worker/prefixcache.py), beside the budget above; 0: none.
       nice: how much lower the engine thread and its OpenMP workers run than the process's other
         threads (a Linux nice increment, 0-19; ignored elsewhere). With the model's threads on
         every core, the threads that move requests and tokens (this process's event loop, and
@@ -109,6 +112,7 @@ class Engine:
         eos_token_ids: set[int],
         max_batch_size: int = 32,
         kv_cache_tokens: int = 65536,
+        prefix_cache_tokens: int = 0,
         nice: int = 0,
     ) -> None:
         self.model = model
@@ -117,6 +121,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.kv_cache_tokens = kv_cache_tokens
         self.nice = nice
+        self.prefixes = PrefixCache(max_tokens=prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids, default=0)
         self._pad_id = int(pad)
@@ -373,14 +378,18 @@ class Engine:
     def _attention_mask(self, batch: KVBatch, width: int) -> torch.Tensor:
         """The 4-D boolean mask SDPA reads, built here in one or two operations: transformers
         builds it from the 2-D mask through its mask functions, ~12 % of a step's CPU on a tiny
-        model. ``width`` new tokens: one (a decode step), or the whole prefill (a fresh cache)."""
+        model. ``width`` new tokens: one (a decode step), or a prefill's (after cached prefixes,
+        if any)."""
         mask = batch.mask.bool()
         if width == 1:
             return mask[:, None, None, :]
-        causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
+        past = mask.shape[1] - width
+        causal = torch.ones(width, mask.shape[1], dtype=torch.bool, device=mask.device).tril(diagonal=past)
         # A padding position attends to itself, so no row of the mask is empty (that gives NaN
         # in SDPA, and a NaN key or value spoils even the rows that mask it out).
-        full = (causal & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=mask.device)
+        itself = torch.zeros_like(causal)
+        itself[:, past:] = torch.eye(width, dtype=torch.bool, device=mask.device)
+        full = (causal & mask[:, None, :]) | itself
         return full[:, None, :, :]
 
     def _prompt_logprobs(self, seq: _Sequence, logits: torch.Tensor) -> list[TokenLogprob | None]:
@@ -402,20 +411,40 @@ class Engine:
         # Sequences with the same tokens (the n choices of one prompt) share one prefill row.
         unique: dict[tuple[int, ...], int] = {}
         row_of = [unique.setdefault(tuple(s.token_ids()), len(unique)) for s in seqs]
-        prompts = list(unique)
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        part = KVBatch(new_cache(), mask, mask.sum(-1))
+        prompts = [list(p) for p in unique]
         # Every position's logits only when someone asked for prompt logprobs (echo): it costs
-        # width x vocab floats per row.
+        # width x vocab floats per row, and those rows cannot start from a cached prefix.
         want = [s for s in seqs if s.want_prompt_logprobs and s.prompt_logprobs is None]
+        whole = {tuple(s.token_ids()) for s in want}
+        found = [self.prefixes.match(p) if self.prefixes is not None and tuple(p) not in whole else (0, [])
+                 for p in prompts]
+        past = _common_past(prompts, [n for n, _ in found])
+        used = [min(n, past) for n, _ in found]
+        width = max(len(p) - u for p, u in zip(prompts, used, strict=True))
+        # Row r: its cached prefix right-aligned in the first `past` columns, then its other
+        # tokens right-aligned in the `width` new ones (padding between them is masked).
+        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), past + width), dtype=torch.long)
+        position_ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, (p, u) in enumerate(zip(prompts, used, strict=True)):
+            new = len(p) - u
+            ids[r, width - new:] = torch.tensor(p[u:], dtype=torch.long)
+            mask[r, past - u:past] = 1
+            mask[r, past + width - new:] = 1
+            position_ids[r, width - new:] = torch.arange(u, len(p))
+        ids, mask, position_ids = ids.to(self.device), mask.to(self.device), position_ids.to(self.device)
+        cache = new_cache()
+        if past:
+            layers = len(next(kv for _, kv in found if kv))
+            for layer in range(layers):
+                pairs = [kv[layer] if u else None for (_, kv), u in zip(found, used, strict=True)]
+                cache.update(*_stack_prefixes(pairs, used, past), layer)
+            assert self.prefixes is not None
+            self.prefixes.hit_tokens += sum(used)
+        part = KVBatch(cache, mask, mask.sum(-1))
         logits = self._forward(ids, part, position_ids, all_logits=bool(want))
+        if self.prefixes is not None:
+            self._keep_prefixes(prompts, used, part)
         if want:
             for s in want:
                 s.prompt_logprobs = self._prompt_logprobs(s, logits[unique[tuple(s.token_ids())]])
@@ -446,6 +475,21 @@ class Engine:
             joining = joining[len(slots):]
         self._batch.extend(part)
         self._running.extend(joining)
+
+    def _keep_prefixes(self, prompts: list[list[int]], used: list[int], part: KVBatch) -> None:
+        """Give the prefix cache what these prompts computed that it lacks."""
+        assert self.prefixes is not None
+        for r, (p, u) in enumerate(zip(prompts, used, strict=True)):
+            n = self.prefixes.wanted(p, u)
+            if not n:
+                continue
+            # The row's real columns in order (its prefix, then the rest), the first n of them.
+            cols = part.mask[r].nonzero().squeeze(1)[:n]
+            kv = []
+            for layer in part.cache.layers:
+                at = cols.to(layer.keys.device)  # accelerate may place layers on several devices
+                kv.append((layer.keys[r].index_select(1, at), layer.values[r].index_select(1, at)))
+            self.prefixes.store(p, kv)
 
     def _decode(self) -> None:
         self._compact(force=len(self._running) > self.max_batch_size)
@@ -568,6 +612,40 @@ def _call_back(requests: list[_Request]) -> None:
             finished.set_result(None)
         elif end is not None:
             finished.set_exception(end)
+
+
+def _common_past(prompts: list[list[int]], cached: list[int]) -> int:
+    """How many cache columns a prefill starts with: the cached prefix length (one of
+    ``cached``, or 0) that leaves the fewest new columns, every row's prefix cut to it. A row
+    without one then computes its whole prompt in the new columns, so a choice that would make
+    the batch longer than its longest prompt is not taken."""
+    longest = max(len(p) for p in prompts)
+    best_width, best = longest, 0
+    for past in sorted(set(cached) - {0}):
+        width = max(len(p) - min(n, past) for p, n in zip(prompts, cached, strict=True))
+        if past + width <= longest and width < best_width:
+            best_width, best = width, past
+    return best
+
+
+def _stack_prefixes(pairs: list[LayerKV | None], used: list[int], past: int) -> LayerKV:
+    """One layer's cache for a prefill: row r holds its prefix's first ``used[r]`` tokens,
+    right-aligned in ``past`` columns (zeros before them; a row without one is all zeros)."""
+    like_k, like_v = next(pair for pair in pairs if pair is not None)
+    keys, values = [], []
+    for pair, u in zip(pairs, used, strict=True):
+        if pair is not None and u == past:
+            keys.append(pair[0][:, :past])
+            values.append(pair[1][:, :past])
+            continue
+        k = like_k.new_zeros((like_k.shape[0], past, like_k.shape[-1]))
+        v = like_v.new_zeros((like_v.shape[0], past, like_v.shape[-1]))
+        if pair is not None and u:
+            k[:, past - u:] = pair[0][:, :u]
+            v[:, past - u:] = pair[1][:, :u]
+        keys.append(k)
+        values.append(v)
+    return torch.stack(keys), torch.stack(values)
 
 
 def _lower_priority(increment: int) -> None:

@@ -12,6 +12,7 @@ from tokenrelay import config
 from tokenrelay.config import Option
 
 ENGINE_NICE = 19  # the relay first: docs/benchmarks-notes.md, "Who gets a core" (both sessions)
+PREFIX_CACHE_TOKENS = 1024  # SmolLM2: 46 KiB per token, so ~46 MiB (worker/prefixcache.py)
 DEFAULT_CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenrelay")
 
 OPTIONS: list[Option] = [
@@ -32,6 +33,9 @@ OPTIONS: list[Option] = [
     Option("--max-batch-size", config.int_in(1, 4096), 32, "most sequences generated at once"),
     Option("--kv-cache-memory", config.float_in(0.01), 4.0, "KV cache budget in GiB"),
     Option("--kv-cache-tokens", config.int_in(0), 0, "KV cache budget in tokens (0: from --kv-cache-memory)"),
+    Option("--prefix-cache-tokens", config.int_in(0), PREFIX_CACHE_TOKENS,
+           "prompt-prefix KV kept for prompts that start alike (a shared system prompt or template is "
+           "then not recomputed), in tokens, beside the KV cache budget; 0: off"),
     Option("--default-temperature", config.float_in(0.0, 2.0), None,
            "temperature for requests that set none (default: 1.0, as OpenAI)"),
     Option("--default-top-p", config.float_in(0.0, 1.0), None, "top_p for requests that set none (default: 1.0)"),
@@ -63,6 +67,7 @@ class WorkerSettings:
     max_batch_size: int
     kv_cache_memory: float
     kv_cache_tokens: int
+    prefix_cache_tokens: int
     default_temperature: float | None
     default_top_p: float | None
     poll_delay: float
