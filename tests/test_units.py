@@ -30,6 +30,11 @@ def test_bad_values_name_the_flag() -> None:
         config.resolve(OPTIONS, {}, {"REDIS_URL": "http://nope"})
     values = config.resolve(OPTIONS, {"max_batch_size": "3", "model": "m"}, {"TOKENRELAY_MAX_BATCH_SIZE": "9"})
     assert values["max_batch_size"] == 3  # the flag wins over the variable
+    with pytest.raises(config.ConfigError, match="TOKENRELAY_PREFIX_CACHE_TOKENS"):
+        config.resolve(OPTIONS, {}, {"TOKENRELAY_PREFIX_CACHE_TOKENS": "-1"})
+    off = WorkerSettings.from_values(config.resolve(OPTIONS, {"model": "m"}, {"TOKENRELAY_PREFIX_CACHE_TOKENS": "0"}))
+    assert off.prefix_cache_tokens == 0
+    assert WorkerSettings.from_values(config.resolve(OPTIONS, {"model": "m"}, {})).prefix_cache_tokens == 1024
 
 
 def test_cli_refuses_a_bad_value_in_one_line() -> None:
