@@ -25,11 +25,16 @@ class ResponseMeta:
     max_tokens_param: str = "max_tokens"  # the field that set the completion budget, for errors
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(event: Event, prompt_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage from a done event (``prompt_tokens``: what the started event said, if
+    the done event says nothing)."""
+    prompt = int(event.get("prompt_tokens") or prompt_tokens or 0)
+    completion = int(event.get("completion_tokens") or 0)
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": int(event.get("cached_tokens") or 0)},
     }
 
 
@@ -121,7 +126,7 @@ class Collector:
         self.meta = meta
         self._choices = {i: _Choice() for i in range(meta.choice_count)}
         self._prompt_tokens = 0
-        self._completion_tokens = 0
+        self._usage: dict[str, Any] | None = None  # from the done event
 
     def add(self, event: Event) -> None:
         kind = event.get("type")
@@ -139,8 +144,7 @@ class Collector:
                 if delta.get("finish_reason"):
                     choice.finish_reason = str(delta["finish_reason"])
         elif kind == "done":
-            self._prompt_tokens = int(event.get("prompt_tokens") or self._prompt_tokens)
-            self._completion_tokens = int(event.get("completion_tokens") or 0)
+            self._usage = _usage(event, self._prompt_tokens)
 
     def body(self) -> dict[str, Any]:
         meta = self.meta
@@ -152,7 +156,7 @@ class Collector:
             "model": meta.model,
             "system_fingerprint": None,
             "choices": choices,
-            "usage": _usage(self._prompt_tokens, self._completion_tokens),
+            "usage": self._usage or _usage({}, self._prompt_tokens),
         }
 
     def _choice(self, index: int, choice: _Choice) -> dict[str, Any]:
@@ -194,8 +198,7 @@ class ChunkWriter:
                 out.extend(self._choice_chunks(delta))
             return out
         if kind == "done" and self.meta.include_usage:
-            usage = _usage(int(event.get("prompt_tokens") or 0), int(event.get("completion_tokens") or 0))
-            return [self._envelope([], usage)]
+            return [self._envelope([], _usage(event))]
         return []
 
     def _choice_chunks(self, delta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -242,7 +245,7 @@ class ChunkWriter:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return self._envelope([choice], None)
 
-    def _envelope(self, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> dict[str, Any]:
+    def _envelope(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
         chunk: dict[str, Any] = {
             "id": self.meta.id,
             "object": "chat.completion.chunk" if self.meta.kind == "chat" else "text_completion",

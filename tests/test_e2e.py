@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +79,28 @@ def test_stream_equals_non_stream_under_greedy(client: openai.OpenAI) -> None:
     assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
     assert all(c.usage is None for c in chunks[:-1])
     assert len({c.id for c in chunks}) == 1
+
+
+def test_usage_counts_the_prompt_tokens_taken_from_the_prefix_cache(client: openai.OpenAI) -> None:
+    """A prompt that starts like an earlier one reuses its KV (whole 16-token blocks), and usage
+    says so as OpenAI does: ``prompt_tokens_details.cached_tokens``; the text is the same."""
+    start = f"Request {uuid.uuid4().hex}: " + "the quick brown fox jumps over the lazy dog. " * 4
+    first_text, _, first = chat(client, messages=[{"role": "user", "content": start + "One."}], max_tokens=8,
+                                temperature=0)
+    assert first.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # nobody sent this start before
+    again_text, _, again = chat(client, messages=[{"role": "user", "content": start + "One."}], max_tokens=8,
+                                temperature=0)
+    cached = again.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+    assert cached and cached % 16 == 0 and cached < again.usage.prompt_tokens
+    assert again_text == first_text
+    texts, _, chunks = stream_chat(client, messages=[{"role": "user", "content": start + "One."}], n=2,
+                                   max_tokens=4, temperature=0, stream_options={"include_usage": True})
+    assert texts[0] == texts[1]
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    # The same prompt matches the same blocks, counted once for the prompt, not once per choice.
+    assert usage.prompt_tokens_details.cached_tokens == cached
 
 
 def test_raw_sse_ends_with_done(stack: str) -> None:

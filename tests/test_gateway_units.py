@@ -146,7 +146,7 @@ EVENTS = [
     wire.delta_event(1, [wire.choice_delta(0, "Hi", tokens=1), wire.choice_delta(1, "", tokens=1)]),
     wire.delta_event(2, [wire.choice_delta(1, "Yo", tokens=1, finish_reason="length"),
                          wire.choice_delta(0, "", finish_reason="stop")]),
-    wire.done_event(3, prompt_tokens=3, completion_tokens=3),
+    wire.done_event(3, prompt_tokens=3, completion_tokens=3, cached_tokens=2),
 ]
 
 
@@ -157,7 +157,13 @@ def test_collector_chat() -> None:
     body = collector.body()
     assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
         (0, "Hi", "stop"), (1, "Yo", "length")]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+                             "prompt_tokens_details": {"cached_tokens": 2}}
+    # A worker of an earlier version sends no cached_tokens: none were cached.
+    older = Collector(META)
+    for event in EVENTS:
+        older.add({k: v for k, v in event.items() if k != "cached_tokens"})
+    assert older.body()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
 
 
 def test_chunk_writer_chat_one_choice_per_chunk() -> None:
@@ -169,7 +175,7 @@ def test_chunk_writer_chat_one_choice_per_chunk() -> None:
         (0, {"role": "assistant", "content": ""}, None), (1, {"role": "assistant", "content": ""}, None),
         (0, {"content": "Hi"}, None),  # choice 1's empty text is skipped
         (1, {"content": "Yo"}, None), (1, {}, "length"), (0, {}, "stop"),
-        {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+        {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6, "prompt_tokens_details": {"cached_tokens": 2}},
     ]
     assert all("usage" in c for c in chunks) and all(c["usage"] is None for c in chunks[:-1])
 

@@ -214,12 +214,15 @@ def delta_event(seq: int, choices: list[dict[str, Any]]) -> dict[str, Any]:
     return {"seq": seq, "type": "delta", "choices": choices}
 
 
-def done_event(seq: int, *, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def done_event(seq: int, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """``cached_tokens``: of ``prompt_tokens``, those whose KV came from the worker's prefix cache
+    (OpenAI's ``usage.prompt_tokens_details.cached_tokens``; a gateway reads 0 where it is absent)."""
     return {
         "seq": seq,
         "type": "done",
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
+        "cached_tokens": cached_tokens,
     }
 
 

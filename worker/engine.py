@@ -77,6 +77,7 @@ class _Sequence:
     want_prompt_logprobs: bool = False
     prompt_logprobs: list[TokenLogprob | None] | None = None
     output_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # of its prompt, from the prefix cache at its first prefill
 
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
@@ -441,6 +442,9 @@ class Engine:
                 cache.update(*_stack_prefixes(pairs, used, past), layer)
             assert self.prefixes is not None
             self.prefixes.hit_tokens += sum(used)
+        for s, row in zip(seqs, row_of, strict=True):
+            if not s.output_ids:  # a preempted sequence's recompute is not its request's prompt
+                s.cached_tokens = used[row]
         part = KVBatch(cache, mask, mask.sum(-1))
         logits = self._forward(ids, part, position_ids, all_logits=bool(want))
         if self.prefixes is not None:
@@ -557,6 +561,8 @@ class Engine:
             out = ChoiceOutput(seq.index, text, 1, finish, [lp] if lp is not None else [])
             if seq.want_prompt_logprobs and seq.prompt_logprobs is not None:
                 out.prompt_logprobs, seq.want_prompt_logprobs = seq.prompt_logprobs, False
+            if len(seq.output_ids) == 1:
+                out.cached_tokens = seq.cached_tokens
             outputs.setdefault(id(seq.request), []).append(out)
             requests[id(seq.request)] = seq.request
             if finish is None:

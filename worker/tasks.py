@@ -172,7 +172,7 @@ class Runtime:
         # The engine starts on the prompt while the started event is on its way; later events
         # go out after it (the sink keeps order), so its failure shows at the done event below.
         out.post(wire.started_event, worker_id=self.worker_id, prompt_tokens=prompts.token_count)
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
         echo_pending = set(range(rows)) if job.echo else set()
         names = set(tools.tool_names(job.tools))
         parsers = {i: tools.ToolCallParser(names, parallel=job.parallel_tool_calls)
@@ -181,10 +181,12 @@ class Runtime:
         def on_outputs(outputs: list[ChoiceOutput]) -> None:
             # Called by the event loop for every request of a step in one pass: no await here,
             # so a step costs no task switch per request.
-            nonlocal completion_tokens
+            nonlocal completion_tokens, cached_tokens
             choices = []
             for o in outputs:
                 completion_tokens += o.tokens
+                if o.cached_tokens and o.index % job.n == 0:  # a prompt's n choices share its prefill
+                    cached_tokens += o.cached_tokens
                 text = o.text
                 if o.index in echo_pending:
                     echo_pending.discard(o.index)
@@ -200,7 +202,7 @@ class Runtime:
         if job.request_id in self.cancelled:
             return  # the client left; nobody reads a done event
         await out.send(wire.done_event, prompt_tokens=prompts.token_count,
-                       completion_tokens=completion_tokens)
+                       completion_tokens=completion_tokens, cached_tokens=cached_tokens)
 
     def _delta(
         self, o: ChoiceOutput, text: str, parser: tools.ToolCallParser | None, prompt_ids: list[int]
