@@ -415,10 +415,11 @@ class Engine:
         prompts = [list(p) for p in unique]
         # Every position's logits only when someone asked for prompt logprobs (echo): it costs
         # width x vocab floats per row, and those rows cannot start from a cached prefix.
-        want = [s for s in seqs if s.want_prompt_logprobs and s.prompt_logprobs is None]
-        whole = {tuple(s.token_ids()) for s in want}
-        found = [self.prefixes.match(p) if self.prefixes is not None and tuple(p) not in whole else (0, [])
-                 for p in prompts]
+        wanting = [i for i, s in enumerate(seqs) if s.want_prompt_logprobs and s.prompt_logprobs is None]
+        want = [seqs[i] for i in wanting]
+        whole = {row_of[i] for i in wanting}  # their prefill rows
+        found = [self.prefixes.match(p) if self.prefixes is not None and r not in whole else (0, [])
+                 for r, p in enumerate(prompts)]
         past = _common_past(prompts, [n for n, _ in found])
         used = [min(n, past) for n, _ in found]
         width = max(len(p) - u for p, u in zip(prompts, used, strict=True))
