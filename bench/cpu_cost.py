@@ -55,12 +55,19 @@ def _children(pid: int) -> dict[str, int]:
 
 
 def _engine_tid(worker: int) -> int | None:
-    """The worker thread with the most CPU besides the main one: the engine's."""
-    best, best_cpu = None, -1.0
+    """The worker's engine thread: the oldest thread with its name (its OpenMP workers, cloned
+    from it, carry the name too, but come and go)."""
+    from worker.engine import THREAD_NAME
+
+    named = []
     for tid in map(int, os.listdir(f"/proc/{worker}/task")):
-        if tid != worker and (cpu := _cpu_s(worker, tid)) > best_cpu:
-            best, best_cpu = tid, cpu
-    return best
+        try:
+            with open(f"/proc/{worker}/task/{tid}/comm") as f:
+                if f.read().strip() == THREAD_NAME:
+                    named.append(tid)
+        except OSError:
+            continue  # a thread that just ended
+    return min(named) if named else None
 
 
 def _sample(procs: dict[str, int], engine: int | None) -> dict[str, float]:

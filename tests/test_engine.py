@@ -15,7 +15,7 @@ import torch
 
 from tests.models import make_tiny_llama
 from tokenrelay.wire import SamplingParams
-from worker.engine import Engine
+from worker.engine import THREAD_NAME, Engine
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,9 @@ def test_batched_text_equals_generate(loaded: tuple[Any, Any], max_batch_size: i
 
     try:
         assert asyncio.run(texts()) == expected
+        if sys.platform.startswith("linux"):  # named for top -H and bench/cpu_cost.py
+            with open(f"/proc/self/task/{engine._thread.native_id}/comm") as comm:
+                assert comm.read().strip() == THREAD_NAME
     finally:
         engine.stop()
 

@@ -35,6 +35,9 @@ from worker.sampling import Constraint, RowState, TokenLogprob, sample
 
 log = logging.getLogger(__name__)
 
+# The engine thread's name for the OS (15 characters at most); its OpenMP workers inherit it.
+THREAD_NAME = "tokenrelay-eng"
+
 
 class EngineError(RuntimeError):
     """The model step failed; every request in the batch at that moment gets this."""
@@ -244,6 +247,7 @@ class Engine:
         # Before the first parallel region: OpenMP workers are cloned from this thread and
         # inherit its nice value (and are cloned anew after each idle moment).
         _lower_priority(self.nice)
+        _name_thread(THREAD_NAME)
         with torch.inference_mode():
             while True:
                 idle = not self._running and not self._waiting
@@ -653,6 +657,18 @@ def _stack_prefixes(pairs: list[LayerKV | None], used: list[int], past: int) -> 
         keys.append(k)
         values.append(v)
     return torch.stack(keys), torch.stack(values)
+
+
+def _name_thread(name: str) -> None:
+    """Name the calling thread for the OS (``top -H``, ``ps -L``, bench/cpu_cost.py); Linux only.
+    Threads it clones (its OpenMP workers) start with the same name."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+            comm.write(name[:15])
+    except OSError as exc:
+        log.debug("could not name the engine thread: %s", exc)
 
 
 def _lower_priority(increment: int) -> None:
