@@ -28,7 +28,8 @@ async def event_frames(
     """SSE bytes for a stream whose first event (``started``) was already read.
 
     The 200 status is out by now, so errors become an ``error`` payload the SDK raises as
-    ``APIError``, followed by ``[DONE]`` so clients that wait for it do not hang.
+    ``APIError``, followed by ``[DONE]`` so clients that wait for it do not hang. The last piece
+    always ends with ``DONE`` (``EventStreamResponse`` ends the body with it).
     """
     try:
         event: Event | None = first
@@ -50,15 +51,16 @@ async def event_frames(
                         finished = True
                         break
                     event = await stream.ready()
+                if finished:
+                    frames.append(DONE)  # the same write as the last events
                 if frames:
                     yield b"".join(frames)
             if not finished:
                 event = await stream.next(timeout=keepalive)
     except Exception as exc:  # cancellation (client gone) is a BaseException and passes
-        yield frame(as_openai_error(exc).body())
+        yield frame(as_openai_error(exc).body()) + DONE
     finally:
         await stream.aclose()
-    yield DONE
 
 
 class EventStreamResponse(StreamingResponse):
@@ -82,6 +84,17 @@ class EventStreamResponse(StreamingResponse):
         )
         self._content = content
         self._on_close = on_close
+
+    async def stream_response(self, send: Send) -> None:
+        """Starlette's, but the piece that ends with ``DONE`` also ends the body: the HTTP
+        chunked terminator goes out in the same socket write instead of one more."""
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            last = isinstance(chunk, bytes) and chunk.endswith(DONE)
+            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+            if last:
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

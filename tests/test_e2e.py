@@ -114,6 +114,21 @@ def test_raw_sse_ends_with_done(stack: str) -> None:
         json.loads(line[len("data: "):])
 
 
+def test_a_finished_job_leaves_nothing_in_redis(stack: str, redis_url: str) -> None:
+    """arq's cleanup, and no result record: it would repeat the whole request in Redis."""
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", stack + "/v1/chat/completions", json=body, timeout=30) as r:
+        request_id = r.headers["x-request-id"]
+        assert [line for line in r.iter_lines() if line.startswith("data: ")][-1] == "data: [DONE]"
+    keys = [wire.arq_job_key(request_id), wire.arq_in_progress_key(request_id), wire.arq_retry_key(request_id),
+            wire.arq_result_key(request_id)]
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 5  # the worker ends the arq job just after its last event
+    while client.exists(*keys) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.exists(*keys) == 0
+
+
 def test_max_tokens_gives_length_and_exact_usage(client: openai.OpenAI) -> None:
     for kwargs in ({"max_tokens": 7}, {"max_completion_tokens": 7}):
         _, finish, r = chat(client, temperature=0, extra_body={"ignore_eos": True}, **kwargs)

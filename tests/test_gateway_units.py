@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,6 +14,7 @@ from gateway.errors import OpenAIError, from_error_event
 from gateway.openai_types import ChatCompletionRequest, CompletionRequest, parse_request
 from gateway.responses import ChunkWriter, Collector, ResponseMeta, TextOffsets
 from gateway.settings import OPTIONS, GatewaySettings
+from gateway.sse import DONE, EventStreamResponse
 from tokenrelay import config, wire
 
 
@@ -262,3 +266,50 @@ def test_completion_text_offset_stream_equals_non_stream() -> None:
     choice = collector.body()["choices"][0]
     assert choice["text"] == " lazyé lazy"
     assert choice["logprobs"]["text_offset"] == streamed == [0, 0, 5, 5, 6, 6]
+
+
+@pytest.mark.parametrize("ends_with_done", [True, False])
+def test_the_sse_body_ends_in_the_write_that_carries_done(ends_with_done: bool) -> None:
+    """``[DONE]`` and the HTTP chunked terminator go out in one body message (one socket write);
+    a body that ends another way still ends with an empty one."""
+    closed: list[str] = []
+
+    async def content() -> AsyncIterator[bytes]:
+        try:
+            yield b"data: 1\n\n"
+            yield b"data: 2\n\n" + (DONE if ends_with_done else b"")
+        finally:
+            closed.append("content")
+
+    async def on_close() -> None:
+        closed.append("on_close")
+
+    async def main() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()  # the client never leaves
+            raise AssertionError
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        await EventStreamResponse(content(), on_close=on_close)(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(main())
+    bodies = [(m["body"], m["more_body"]) for m in sent if m["type"] == "http.response.body"]
+    if ends_with_done:
+        assert bodies == [(b"data: 1\n\n", True), (b"data: 2\n\n" + DONE, False)]
+    else:
+        assert bodies == [(b"data: 1\n\n", True), (b"data: 2\n\n", True), (b"", False)]
+    assert closed == ["content", "on_close"]
+
+
+def test_a_job_dict_is_what_asdict_gives() -> None:
+    job = wire.Job.from_dict({"request_id": "r", "model": "m", "kind": "chat", "deadline": 1.0, "n": 2,
+                              "messages": [{"role": "user", "content": "hi"}],
+                              "sampling": {"max_tokens": 5, "stop": ["x"], "logit_bias": {"3": 1.5}}})
+    assert job.to_dict() == dataclasses.asdict(job)
+    assert wire.Job.from_dict(json.loads(wire.serialize_job(job.to_dict()))) == job

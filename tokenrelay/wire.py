@@ -156,7 +156,10 @@ class Job:
     version: int = PROTOCOL_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not asdict, which deep-copies every message: the gateway serializes this at once.
+        data = dict(vars(self))
+        data["sampling"] = dict(vars(self.sampling))
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:

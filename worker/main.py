@@ -114,7 +114,9 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
         poll_delay=settings.poll_delay,
         job_serializer=wire.serialize_job,
         job_deserializer=wire.deserialize_job,
-        keep_result=60,
+        # No result record: the gateway reads only whether the job still exists, and arq's
+        # record would repeat the whole request (its messages) in Redis for every job.
+        keep_result=0,
         health_check_interval=60,
         ctx={"runtime": runtime},
         after_job_end=after_job_end,
