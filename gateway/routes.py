@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import Coroutine
@@ -14,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.disconnect import WatchDisconnect
 from gateway.errors import error_response, from_error_event, model_not_found, redis_unavailable
 from gateway.openai_types import ChatCompletionRequest, CompletionRequest, parse_request
 from gateway.registry import Registry, check_max_tokens
@@ -130,21 +130,9 @@ async def _until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T
 
     The body was read already, so the next ASGI message can only be ``http.disconnect``.
     """
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, watch, return_exceptions=True)  # let the relay clean up
-    return None if task.cancelled() else task.result()
+    async with WatchDisconnect(request.receive):
+        return await work
+    return None  # the client left; ``work`` was cancelled (the relay cleans up as it unwinds)
 
 
 async def list_models(request: Request) -> Response:

@@ -6,10 +6,10 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from gateway.disconnect import WatchDisconnect
 from gateway.errors import as_openai_error, from_error_event
 from gateway.relay import Event, EventStream
 from gateway.responses import ChunkWriter
@@ -98,16 +98,9 @@ class EventStreamResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async with anyio.create_task_group() as group:
-
-                async def respond() -> None:
-                    await self.stream_response(send)
-                    group.cancel_scope.cancel()
-
-                group.start_soon(respond)
-                await self.listen_for_disconnect(receive)
-                group.cancel_scope.cancel()
-        except* OSError:
+            async with WatchDisconnect(receive):
+                await self.stream_response(send)
+        except OSError:
             pass  # the client went away mid-write
         finally:
             aclose = getattr(self._content, "aclose", None)

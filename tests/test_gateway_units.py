@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gateway.disconnect import WatchDisconnect
 from gateway.errors import OpenAIError, from_error_event
 from gateway.openai_types import ChatCompletionRequest, CompletionRequest, parse_request
 from gateway.responses import ChunkWriter, Collector, ResponseMeta, TextOffsets
@@ -313,3 +314,43 @@ def test_a_job_dict_is_what_asdict_gives() -> None:
                               "sampling": {"max_tokens": 5, "stop": ["x"], "logit_bias": {"3": 1.5}}})
     assert job.to_dict() == dataclasses.asdict(job)
     assert wire.Job.from_dict(json.loads(wire.serialize_job(job.to_dict()))) == job
+
+
+def test_watch_disconnect_cancels_only_its_own_body() -> None:
+    async def main() -> None:
+        left = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        # The client leaves mid-body: the body stops at its await, the block absorbs it.
+        reached = []
+        async with WatchDisconnect(receive) as watch:
+            left.set()
+            await asyncio.sleep(5)
+            reached.append("after sleep")
+        assert watch.gone and reached == []
+        await asyncio.sleep(0.01)  # nothing left pending on this task
+
+        # A body that ends first: the watcher stops, and a disconnect afterwards cancels nothing.
+        left.clear()
+        async with WatchDisconnect(receive) as watch:
+            await asyncio.sleep(0)
+        left.set()
+        await asyncio.sleep(0.01)
+        assert not watch.gone
+
+        # Cancelled from outside while the client leaves too (``left`` is still set): the
+        # server's cancellation goes on.
+        async def served() -> None:
+            async with WatchDisconnect(receive):
+                await asyncio.sleep(5)
+
+        task = asyncio.ensure_future(served())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
