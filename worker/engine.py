@@ -420,7 +420,6 @@ class Engine:
         # Every position's logits only when someone asked for prompt logprobs (echo): it costs
         # width x vocab floats per row, and those rows cannot start from a cached prefix.
         wanting = [i for i, s in enumerate(seqs) if s.want_prompt_logprobs and s.prompt_logprobs is None]
-        want = [seqs[i] for i in wanting]
         whole = {row_of[i] for i in wanting}  # their prefill rows
         found = [self.prefixes.match(p) if self.prefixes is not None and r not in whole else (0, [])
                  for r, p in enumerate(prompts)]
@@ -451,12 +450,12 @@ class Engine:
             if not s.output_ids:  # a preempted sequence's recompute is not its request's prompt
                 s.cached_tokens = used[row]
         part = KVBatch(cache, mask, mask.sum(-1))
-        logits = self._forward(ids, part, position_ids, all_logits=bool(want))
+        logits = self._forward(ids, part, position_ids, all_logits=bool(wanting))
         if self.prefixes is not None:
             self._keep_prefixes(prompts, used, part)
-        if want:
-            for s in want:
-                s.prompt_logprobs = self._prompt_logprobs(s, logits[unique[tuple(s.token_ids())]])
+        if wanting:
+            for i in wanting:
+                seqs[i].prompt_logprobs = self._prompt_logprobs(seqs[i], logits[row_of[i]])
             logits = logits[:, -1, :]
         if len(prompts) != len(seqs):
             part.select(row_of)

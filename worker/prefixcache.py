@@ -50,7 +50,7 @@ class PrefixCache:
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # by deepest key, oldest use first
         self._by_key: dict[int, _Entry] = {}
         self.tokens = 0
-        self.hit_tokens = 0  # prompt tokens not recomputed, since start (for logs and tests)
+        self.hit_tokens = 0  # prompt tokens not recomputed, since start (tests, diagnostics)
 
     def match(self, ids: list[int]) -> tuple[int, list[LayerKV]]:
         """The longest cached prefix of ``ids`` that leaves at least one token to compute (the
@@ -101,8 +101,3 @@ class PrefixCache:
         for key in entry.keys:
             if self._by_key.get(key) is entry:
                 del self._by_key[key]
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._by_key.clear()
-        self.tokens = 0
