@@ -256,20 +256,26 @@ class EventStream:
         if self._closed:
             return
         self._closed = True
-        await _run_shielded(self._cleanup())
+        if self.enqueued and not self.ended:
+            await _run_shielded(self._cancel())
+        else:  # nothing to tell a worker, and no await that a cancellation could interrupt
+            self._forget()
 
-    async def _cleanup(self) -> None:
+    async def _cancel(self) -> None:
         try:
-            if self.enqueued and not self.ended:
-                log.info("%s: cancelling", self.request_id)
-                # Not started by a worker (as far as we know): withdraw it from the queue too.
-                queue = self._queue_name if self.worker_id is None else None
-                await publish_cancel(self._redis, self.request_id, queue)
+            log.info("%s: cancelling", self.request_id)
+            # Not started by a worker (as far as we know): withdraw it from the queue too.
+            queue = self._queue_name if self.worker_id is None else None
+            await publish_cancel(self._redis, self.request_id, queue)
         except (RedisError, OSError) as exc:
             log.warning("%s: could not publish the cancel: %s", self.request_id, exc)
+        finally:
+            self._forget()
+
+    def _forget(self) -> None:
         try:
             if self.inbox is not None:
-                await self.inbox.aclose()
+                self.inbox.close()
         finally:
             self.on_closed(self)
 

@@ -60,7 +60,7 @@ class Inbox:
             raise item
         return item
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         self._subscriber.forget(self)
 
 

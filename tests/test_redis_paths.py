@@ -103,7 +103,7 @@ def test_one_channel_carries_every_request(redis_url: str) -> None:
             assert await inbox.get(0.0) is None  # nothing else came
         clients = await pool.client_list(_type="pubsub")
         assert len([c for c in clients if c.get("sub") not in ("0", 0)]) == 1
-        await inboxes[1].aclose()
+        inboxes[1].close()
         late = [(ids[1], _event(1, "late")), (ids[2], _event(1, "x"))]
         await pool.publish(subscriber.channel, wire.encode_events(late))
         later = await inboxes[2].get(2.0)
@@ -246,6 +246,66 @@ def test_claim_hands_over_try_and_cancel_marker_and_ends_jobs_as_arq_does(redis_
         assert await pool.zcard(queue) == 0
         assert (worker.jobs_complete, worker.jobs_failed) == (3, 1)
         await worker.close()
+
+    _run(redis_url, body)
+
+
+def test_jobs_that_end_together_finish_in_one_transaction(redis_url: str) -> None:
+    queue = f"test:queue:{uuid.uuid4().hex[:8]}"
+    go = asyncio.Event()
+
+    async def job(ctx: dict[str, Any], *_: Any) -> None:
+        await go.wait()
+
+    async def execs(pool: ArqRedis) -> int:
+        stats = await pool.info("commandstats")
+        return int(stats.get("cmdstat_exec", {}).get("calls", 0))
+
+    async def body(pool: ArqRedis) -> None:
+        ids = [f"j{i}-{uuid.uuid4().hex[:6]}" for i in range(5)]
+        for job_id in ids:
+            await pool.enqueue_job("job", _job_id=job_id, _queue_name=queue)
+        worker = BatchWorker(functions=[func(job, name="job")], queue_name=queue, redis_pool=pool,
+                             redis_settings=RedisSettings(), max_jobs=10, poll_delay=0.01, burst=True,
+                             handle_signals=False, keep_result=0)
+        await worker.claim()
+        await asyncio.sleep(0.05)
+        before = await execs(pool)
+        go.set()  # all five end in the same turn of the loop
+        await asyncio.gather(*worker.tasks.values())
+        assert await execs(pool) - before == 1
+        assert worker.jobs_complete == 5
+        for job_id in ids:  # arq's cleanup, as its own finish_job does it
+            assert await ArqJob(job_id, pool, _queue_name=queue).status() == JobStatus.not_found
+            assert not await pool.exists(wire.arq_in_progress_key(job_id), wire.arq_retry_key(job_id),
+                                         wire.arq_job_key(job_id), wire.arq_result_key(job_id))
+        assert await pool.zcard(queue) == 0
+        await worker.close()
+
+    _run(redis_url, body)
+
+
+def test_a_job_cancelled_at_shutdown_stays_queued_for_another_worker(redis_url: str) -> None:
+    queue = f"test:queue:{uuid.uuid4().hex[:8]}"
+    started = asyncio.Event()
+
+    async def job(ctx: dict[str, Any], *_: Any) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    async def body(pool: ArqRedis) -> None:
+        job_id = f"j-{uuid.uuid4().hex[:6]}"
+        await pool.enqueue_job("job", _job_id=job_id, _queue_name=queue)
+        worker = BatchWorker(functions=[func(job, name="job")], queue_name=queue, redis_pool=pool,
+                             redis_settings=RedisSettings(), max_jobs=10, poll_delay=0.01, burst=True,
+                             handle_signals=False, keep_result=0)
+        await worker.claim()
+        await started.wait()
+        worker.tasks[job_id].cancel()
+        await worker.close()  # waits for the job's last transaction
+        assert await ArqJob(job_id, pool, _queue_name=queue).status() == JobStatus.queued
+        assert not await pool.exists(wire.arq_in_progress_key(job_id))
+        assert await pool.exists(wire.arq_job_key(job_id))
 
     _run(redis_url, body)
 
