@@ -29,6 +29,12 @@ def _job(model: str) -> wire.Job:
                                "messages": [{"role": "user", "content": "hi"}]})
 
 
+def _batch_worker(pool: ArqRedis, queue: str, function: Callable[..., Awaitable[Any]], **kwargs: Any) -> BatchWorker:
+    """A burst worker that runs ``function`` under its own name, polling every 10 ms."""
+    return BatchWorker(functions=[func(function, name=function.__name__)], queue_name=queue, redis_pool=pool,
+                       redis_settings=RedisSettings(), poll_delay=0.01, burst=True, handle_signals=False, **kwargs)
+
+
 def _run(redis_url: str, body: Callable[[ArqRedis], Awaitable[None]]) -> None:
     async def main() -> None:
         pool = ArqRedis.from_url(redis_url)
@@ -151,9 +157,7 @@ def test_batch_claim_takes_only_free_due_jobs_up_to_its_room(redis_url: str) -> 
         for job_id in ids:
             await pool.enqueue_job("hold", _job_id=job_id, _queue_name=queue)
         await pool.psetex(wire.arq_in_progress_key(ids[0]), 60_000, b"1")  # another worker has it
-        worker = BatchWorker(functions=[func(hold, name="hold")], queue_name=queue, redis_pool=pool,
-                             redis_settings=RedisSettings(), max_jobs=2, poll_delay=0.01, burst=True,
-                             handle_signals=False)
+        worker = _batch_worker(pool, queue, hold, max_jobs=2)
         await worker.start_jobs([i.encode() for i in ids])
         assert sorted(worker.tasks) == sorted(ids[1:3])  # the held one passed over, room for two
         for job_id in ids[1:3]:
@@ -189,9 +193,7 @@ def test_a_released_job_frees_its_place_before_it_ends(redis_url: str) -> None:
         ids = [f"j{i}-{uuid.uuid4().hex[:6]}" for i in range(2)]
         for job_id in ids:
             await pool.enqueue_job("job", _job_id=job_id, _queue_name=queue)
-        worker = BatchWorker(functions=[func(job, name="job")], queue_name=queue, redis_pool=pool,
-                             redis_settings=RedisSettings(), capacity=1, max_jobs=2, poll_delay=0.01,
-                             burst=True, handle_signals=False, on_release=lambda: pokes.append(1))
+        worker = _batch_worker(pool, queue, job, capacity=1, max_jobs=2, on_release=lambda: pokes.append(1))
         await worker.claim()
         assert len(worker.tasks) == 1 and worker.holding == 1
         await asyncio.sleep(0.05)
@@ -228,9 +230,7 @@ def test_claim_hands_over_try_and_cancel_marker_and_ends_jobs_as_arq_does(redis_
         await pool.set(wire.cancel_marker_key(cancelled), 1, ex=60)
         await pool.set(wire.arq_retry_key(retried), 1, ex=60)  # a worker died on it once
         await pool.delete(wire.arq_job_key(expired))  # its payload expired in the queue
-        worker = BatchWorker(functions=[func(record, name="record")], queue_name=queue, redis_pool=pool,
-                             redis_settings=RedisSettings(), max_jobs=10, poll_delay=0.01, burst=True,
-                             handle_signals=False, keep_result=60)
+        worker = _batch_worker(pool, queue, record, max_jobs=10, keep_result=60)
         await worker.claim()
         assert sorted(worker.tasks) == sorted([plain, cancelled, retried, expired])
         await asyncio.gather(*worker.tasks.values())
@@ -265,9 +265,7 @@ def test_jobs_that_end_together_finish_in_one_transaction(redis_url: str) -> Non
         ids = [f"j{i}-{uuid.uuid4().hex[:6]}" for i in range(5)]
         for job_id in ids:
             await pool.enqueue_job("job", _job_id=job_id, _queue_name=queue)
-        worker = BatchWorker(functions=[func(job, name="job")], queue_name=queue, redis_pool=pool,
-                             redis_settings=RedisSettings(), max_jobs=10, poll_delay=0.01, burst=True,
-                             handle_signals=False, keep_result=0)
+        worker = _batch_worker(pool, queue, job, max_jobs=10, keep_result=0)
         await worker.claim()
         await asyncio.sleep(0.05)
         before = await execs(pool)
@@ -296,9 +294,7 @@ def test_a_job_cancelled_at_shutdown_stays_queued_for_another_worker(redis_url: 
     async def body(pool: ArqRedis) -> None:
         job_id = f"j-{uuid.uuid4().hex[:6]}"
         await pool.enqueue_job("job", _job_id=job_id, _queue_name=queue)
-        worker = BatchWorker(functions=[func(job, name="job")], queue_name=queue, redis_pool=pool,
-                             redis_settings=RedisSettings(), max_jobs=10, poll_delay=0.01, burst=True,
-                             handle_signals=False, keep_result=0)
+        worker = _batch_worker(pool, queue, job, max_jobs=10, keep_result=0)
         await worker.claim()
         await started.wait()
         worker.tasks[job_id].cancel()
