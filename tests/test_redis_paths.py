@@ -306,6 +306,23 @@ def test_a_job_cancelled_at_shutdown_stays_queued_for_another_worker(redis_url: 
     _run(redis_url, body)
 
 
+def test_jobs_waiting_for_a_cancelled_finisher_do_not_hang(redis_url: str) -> None:
+    async def job(ctx: dict[str, Any], *_: Any) -> None:
+        pass
+
+    async def body(pool: ArqRedis) -> None:
+        worker = _batch_worker(pool, f"test:queue:{uuid.uuid4().hex[:8]}", job)
+        waiting = [asyncio.create_task(worker.finish_job(f"j{i}", True, None, None, False, None, None))
+                   for i in range(2)]
+        await asyncio.sleep(0)  # both queued; the finisher is created and has not run yet
+        assert worker._finisher is not None
+        worker._finisher.cancel()
+        done, pending = await asyncio.wait(waiting, timeout=2)
+        assert not pending and all(task.cancelled() for task in done)
+
+    _run(redis_url, body)
+
+
 def test_a_quiet_reply_channel_outlasts_the_pools_socket_timeout(redis_url: str) -> None:
     async def main() -> None:
         # The gateway's pool has a socket timeout; a spell without events (a long prefill, a

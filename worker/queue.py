@@ -140,7 +140,14 @@ class BatchWorker(Worker):  # type: ignore[misc]  # arq is not type-checked here
         self._finishing.append((job_id, finish, result_data, expire_s, done))
         if self._finisher is None or self._finisher.done():
             self._finisher = self.loop.create_task(self._finish_batches())
+            self._finisher.add_done_callback(self._finisher_ended)
         await done
+
+    def _finisher_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():  # possibly before it started: the jobs still queued wait no more
+            for *_, done in self._finishing:
+                done.cancel()
+            self._finishing = []
 
     async def _finish_batches(self) -> None:
         while self._finishing:
@@ -158,6 +165,10 @@ class BatchWorker(Worker):  # type: ignore[misc]  # arq is not type-checked here
                               *[key for job_id in finished
                                 for key in (wire.arq_retry_key(job_id), wire.arq_job_key(job_id))])
                     await tr.execute()
+            except asyncio.CancelledError:
+                for *_, done in batch:  # shutting down: nobody waits for a transaction cut short
+                    done.cancel()
+                raise
             except Exception as exc:
                 for *_, done in batch:
                     if not done.done():
