@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -19,7 +19,9 @@ PING = b": ping\n\n"
 
 
 def frame(data: Mapping[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    # orjson: one call per streamed token, a tenth of the stdlib's time (docs/benchmarks-notes.md).
+    # It writes UTF-8 as is (as ensure_ascii=False did) and null for a float that is not finite.
+    return b"data: " + orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS) + b"\n\n"
 
 
 async def event_frames(

@@ -19,6 +19,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+import orjson
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 
 PROTOCOL_VERSION = 2
@@ -86,11 +87,11 @@ def arq_retry_key(request_id: str) -> str:
 
 def serialize_job(data: dict[str, Any]) -> bytes:
     """arq job (de)serializer: JSON instead of arq's default pickle, so no payload runs code."""
-    return json.dumps(data, separators=(",", ":"), default=str).encode()
+    return orjson.dumps(data, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
 def deserialize_job(data: bytes) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(data)
+    result: dict[str, Any] = orjson.loads(data)
     return result
 
 
@@ -248,13 +249,20 @@ def error_event(
 
 
 def encode_events(events: list[tuple[str, dict[str, Any]]]) -> bytes:
-    """One reply message: ``[[request_id, event], ...]``, each request's events in seq order."""
-    return json.dumps(events, separators=(",", ":"), ensure_ascii=False).encode()
+    """One reply message: ``[[request_id, event], ...]``, each request's events in seq order.
+
+    orjson, here and in ``parse_events``: every token passes through both, and the stdlib's
+    encoder cost several times as much (docs/benchmarks-notes.md). A float that is not finite
+    becomes null, as in any JSON."""
+    return orjson.dumps(events, option=orjson.OPT_NON_STR_KEYS)
 
 
 def parse_events(data: bytes | str) -> list[tuple[str, dict[str, Any]]]:
     """The (request_id, event) pairs of one reply message; ValueError if it is not one."""
-    raw = json.loads(data)
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:  # a ValueError; the message says where
+        raise ValueError(f"not a tokenrelay reply message: {exc}") from None
     if not isinstance(raw, list):
         raise ValueError(f"not a tokenrelay reply message: {data!r:.200}")
     out: list[tuple[str, dict[str, Any]]] = []
