@@ -16,6 +16,7 @@ from gateway.openai_types import ChatCompletionRequest, CompletionRequest, parse
 from gateway.responses import ChunkWriter, Collector, ResponseMeta, TextOffsets
 from gateway.settings import OPTIONS, GatewaySettings
 from gateway.sse import DONE, EventStreamResponse, frame
+from gateway.subscriber import Inbox
 from tokenrelay import config, wire
 
 
@@ -341,6 +342,33 @@ def test_a_job_dict_is_what_asdict_gives() -> None:
                               "sampling": {"max_tokens": 5, "stop": ["x"], "logit_bias": {"3": 1.5}}})
     assert job.to_dict() == dataclasses.asdict(job)
     assert wire.Job.from_dict(json.loads(wire.serialize_job(job.to_dict()))) == job
+
+
+def test_inbox_waits_wakes_times_out_and_survives_a_cancelled_wait() -> None:
+    async def main() -> None:
+        inbox = Inbox(None, "r")  # type: ignore[arg-type]  # the subscriber is needed only by close()
+        assert await inbox.get(0.0) is None
+        started = asyncio.get_running_loop().time()
+        assert await inbox.get(0.05) is None
+        assert asyncio.get_running_loop().time() - started >= 0.04
+        waiting = asyncio.create_task(inbox.get(5.0))
+        await asyncio.sleep(0)
+        inbox.put({"seq": 0})
+        inbox.put({"seq": 1})
+        assert await asyncio.wait_for(waiting, 1.0) == {"seq": 0}
+        assert await inbox.get(0.0) == {"seq": 1}
+        cancelled = asyncio.create_task(inbox.get(5.0))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        inbox.put({"seq": 2})  # nothing is lost to the cancelled wait
+        inbox.put(ConnectionError("gone"))
+        assert await inbox.get(1.0) == {"seq": 2}
+        with pytest.raises(ConnectionError, match="gone"):
+            await inbox.get(1.0)
+
+    asyncio.run(main())
 
 
 def test_watch_disconnect_cancels_only_its_own_body() -> None:
