@@ -366,3 +366,63 @@ def test_the_pool_never_hands_out_a_connection_with_a_reply_waiting(redis_url: s
             await client.aclose()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("first_token_after", [0.0, 0.6])
+def test_started_goes_with_the_first_token_unless_that_is_slow(
+        redis_url: str, tiny_model: Any, first_token_after: float) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from worker.engine import Engine
+    from worker.tasks import STARTED_WAIT_S, Runtime
+
+    assert first_token_after == 0.0 or first_token_after > STARTED_WAIT_S + 0.2
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id}, max_batch_size=4,
+                    kv_cache_tokens=10_000)
+    submit = engine.submit
+
+    def late_submit(*args: Any, **kwargs: Any) -> Awaitable[None]:
+        async def later() -> None:
+            await asyncio.sleep(first_token_after)  # a prefill that takes this long
+            await submit(*args, **kwargs)
+        return later()
+
+    engine.start()
+
+    async def warm_up() -> None:  # the first forward's one-time costs stay out of the timing
+        async for _ in engine.generate("warm-up", [[1, 2, 3]], n=1, max_tokens=[2],
+                                       params=wire.SamplingParams(temperature=0, ignore_eos=True)):
+            pass
+
+    asyncio.run(warm_up())
+    engine.submit = late_submit  # type: ignore[method-assign]
+    channel = wire.reply_channel(uuid.uuid4().hex)
+    job = wire.Job.from_dict({**_job("m").to_dict(), "reply_to": channel,
+                              "sampling": {"max_tokens": 3, "ignore_eos": True, "temperature": 0}})
+
+    async def body(pool: ArqRedis) -> None:
+        runtime = Runtime(engine=engine, tokenizer=tok, redis=pool, worker_id="w1", context_length=4096,
+                          max_request_tokens=4096)
+        replies = pool.pubsub()
+        await replies.subscribe(channel)
+        await replies.get_message(timeout=1)  # the subscribe confirmation
+        await runtime.run(job.to_dict(), job_try=1)
+        messages: list[list[tuple[int, str]]] = []
+        while not messages or messages[-1][-1][1] != "done":
+            message = await replies.get_message(ignore_subscribe_messages=True, timeout=2)
+            assert message is not None, messages
+            messages.append([(event["seq"], event["type"]) for _, event in wire.parse_events(message["data"])])
+        await replies.aclose()
+        if first_token_after == 0.0:  # one message where there were two
+            assert messages[0][:2] == [(0, "started"), (1, "delta")]
+        else:  # the gateway still hears of its worker soon
+            assert messages[0] == [(0, "started")]
+        seqs = [seq for events in messages for seq, _ in events]
+        assert seqs == list(range(len(seqs)))
+
+    try:
+        _run(redis_url, body)
+    finally:
+        engine.stop()

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 # Cancels heard for requests not running here yet: a job claimed a moment ago may hear its cancel
 # before it starts. Every worker hears every cancel, so only the latest are kept.
 _RECENT_CANCELS = 1024
+# The started event waits this long for the first token, to go out in its message: under load a
+# wave of requests then costs the gateway and its clients one wake-up each instead of two, while
+# the engine prefills the wave. A slow prefill sends it alone, so the gateway learns the worker
+# (and checks it is alive) soon anyway.
+STARTED_WAIT_S = 0.2
 
 
 class Runtime:
@@ -169,9 +174,16 @@ class Runtime:
         constraint = await self._constraint(job)
         if job.request_id in self.cancelled:
             return  # the client left while the prompt was prepared
-        # The engine starts on the prompt while the started event is on its way; later events
-        # go out after it (the sink keeps order), so its failure shows at the done event below.
-        out.post(wire.started_event, worker_id=self.worker_id, prompt_tokens=prompts.token_count)
+        started = False
+
+        def start() -> None:
+            # Posted, not sent: later events go out after it (the sink keeps order), so its
+            # failure shows at the done event below.
+            nonlocal started
+            if not started:
+                started = True
+                out.post(wire.started_event, worker_id=self.worker_id, prompt_tokens=prompts.token_count)
+
         completion_tokens = cached_tokens = 0
         echo_pending = set(range(rows)) if job.echo else set()
         names = set(tools.tool_names(job.tools))
@@ -182,6 +194,7 @@ class Runtime:
             # Called by the event loop for every request of a step in one pass: no await here,
             # so a step costs no task switch per request.
             nonlocal completion_tokens, cached_tokens
+            start()
             choices = []
             for o in outputs:
                 completion_tokens += o.tokens
@@ -195,12 +208,18 @@ class Runtime:
             out.post(wire.delta_event, choices)
 
         # Events go out in order, so when Redis fails the done event below fails too, and an
-        # event lost in between is a seq gap the gateway reports.
-        await self.engine.submit(job.request_id, prompts.ids, n=job.n, params=params, max_tokens=prompts.max_tokens,
-                                 on_outputs=on_outputs, constraint=constraint,
-                                 prompt_logprobs=job.echo and params.logprobs is not None)
+        # event lost in between is a seq gap the gateway reports. A failure before the first
+        # token is the request's first event: the gateway answers it with its own status.
+        timer = asyncio.get_running_loop().call_later(STARTED_WAIT_S, start)
+        try:
+            await self.engine.submit(job.request_id, prompts.ids, n=job.n, params=params,
+                                     max_tokens=prompts.max_tokens, on_outputs=on_outputs, constraint=constraint,
+                                     prompt_logprobs=job.echo and params.logprobs is not None)
+        finally:
+            timer.cancel()
         if job.request_id in self.cancelled:
             return  # the client left; nobody reads a done event
+        start()
         await out.send(wire.done_event, prompt_tokens=prompts.token_count,
                        completion_tokens=completion_tokens, cached_tokens=cached_tokens)
 
