@@ -58,33 +58,6 @@ def test_chat_defaults_and_greedy() -> None:
     assert wire.Job.from_dict(json.loads(wire.serialize_job(job.to_dict()))) == job
 
 
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def test_events_and_frames_are_strict_json() -> None:
-    # Text goes as UTF-8; a float that is not finite becomes null. The stdlib's encoder wrote
-    # NaN and -Infinity, which strict parsers (JavaScript's JSON.parse) refuse.
-    events = [("r1", {"seq": 0, "type": "delta", "text": "é 東京 🙂", "logprob": float("-inf")}),
-              ("r2", {"seq": 3, "type": "done", "score": float("nan")})]
-    message = wire.encode_events(events)
-    assert "é 東京 🙂".encode() in message
-    json.loads(message, parse_constant=_refuse_constant)
-    assert wire.parse_events(message) == [
-        ("r1", {"seq": 0, "type": "delta", "text": "é 東京 🙂", "logprob": None}),
-        ("r2", {"seq": 3, "type": "done", "score": None}),
-    ]
-    body = frame({"text": "東京", "logprob": float("inf")})
-    assert body.startswith(b"data: ") and body.endswith(b"\n\n")
-    assert json.loads(body[len(b"data: "):-2], parse_constant=_refuse_constant) == {"text": "東京", "logprob": None}
-
-
-@pytest.mark.parametrize("message", [b"", b"[", b'{"seq": 0}', b'[["r", {"type": "delta"}]]', b'[["r"]]', b"[1]"])
-def test_an_unreadable_reply_message_is_a_value_error(message: bytes) -> None:
-    with pytest.raises(ValueError, match="not a tokenrelay"):
-        wire.parse_events(message)
-
-
 def test_max_tokens_precedence() -> None:
     assert _chat(max_tokens=5).to_job("x", 0).sampling.max_tokens == 5
     assert _chat(max_tokens=5, max_completion_tokens=9).to_job("x", 0).sampling.max_tokens == 9
@@ -342,6 +315,33 @@ def test_a_job_dict_is_what_asdict_gives() -> None:
                               "sampling": {"max_tokens": 5, "stop": ["x"], "logit_bias": {"3": 1.5}}})
     assert job.to_dict() == dataclasses.asdict(job)
     assert wire.Job.from_dict(json.loads(wire.serialize_job(job.to_dict()))) == job
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def test_events_and_frames_are_strict_json() -> None:
+    # Text goes as UTF-8; a float that is not finite becomes null. The stdlib's encoder wrote
+    # NaN and -Infinity, which strict parsers (JavaScript's JSON.parse) refuse.
+    events = [("r1", {"seq": 0, "type": "delta", "text": "é 東京 🙂", "logprob": float("-inf")}),
+              ("r2", {"seq": 3, "type": "done", "score": float("nan")})]
+    message = wire.encode_events(events)
+    assert "é 東京 🙂".encode() in message
+    json.loads(message, parse_constant=_refuse_constant)
+    assert wire.parse_events(message) == [
+        ("r1", {"seq": 0, "type": "delta", "text": "é 東京 🙂", "logprob": None}),
+        ("r2", {"seq": 3, "type": "done", "score": None}),
+    ]
+    body = frame({"text": "東京", "logprob": float("inf")})
+    assert body.startswith(b"data: ") and body.endswith(b"\n\n")
+    assert json.loads(body[len(b"data: "):-2], parse_constant=_refuse_constant) == {"text": "東京", "logprob": None}
+
+
+@pytest.mark.parametrize("message", [b"", b"[", b'{"seq": 0}', b'[["r", {"type": "delta"}]]', b'[["r"]]', b"[1]"])
+def test_an_unreadable_reply_message_is_a_value_error(message: bytes) -> None:
+    with pytest.raises(ValueError, match="not a tokenrelay"):
+        wire.parse_events(message)
 
 
 def test_inbox_waits_wakes_times_out_and_survives_a_cancelled_wait() -> None:
