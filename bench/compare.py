@@ -343,7 +343,9 @@ def measure_overhead(run: Run) -> dict[str, Any]:
             max_batch_size=run.args.max_batch_size,
         )
         engine = report["points"][0]["engine"]
-        peer = peers.start_tokenrelay(str(tiny), "tiny-llama", run.log_dir, max_batch_size=run.args.max_batch_size)
+        # Its own folder: the servers' logs are named by system, and would overwrite each other.
+        peer = peers.start_tokenrelay(str(tiny), "tiny-llama", run.log_dir / f"overhead_{i}",
+                                      max_batch_size=run.args.max_batch_size)
         try:
             relay = run_http(run, peer, [users], requests_per_user=lambda _u: per_user)[0]
         finally:
