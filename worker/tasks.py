@@ -174,14 +174,11 @@ class Runtime:
         constraint = await self._constraint(job)
         if job.request_id in self.cancelled:
             return  # the client left while the prompt was prepared
-        started = False
-
         def start() -> None:
-            # Posted, not sent: later events go out after it (the sink keeps order), so its
-            # failure shows at the done event below.
-            nonlocal started
-            if not started:
-                started = True
+            # Once, as the request's first event (nothing else goes out before it). Posted, not
+            # sent: later events go out after it (the sink keeps order), so its failure shows at
+            # the done event below.
+            if out.seq == 0:
                 out.post(wire.started_event, worker_id=self.worker_id, prompt_tokens=prompts.token_count)
 
         completion_tokens = cached_tokens = 0
