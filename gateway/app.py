@@ -21,6 +21,7 @@ from gateway.relay import Relay
 from gateway.routes import ROUTES, Gateway
 from gateway.settings import GatewaySettings
 from tokenrelay import wire
+from tokenrelay.heap import freeze_startup_objects
 from tokenrelay.redispool import ConcurrentConnectionPool
 
 # Requests in flight each hold a pooled connection while they enqueue, check liveness or cancel;
@@ -44,6 +45,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         relay = Relay(redis, settings.queue_timeout, settings.max_queue_length)
         app.state.gateway = Gateway(settings, redis, Registry(redis), relay)
         warm_up = asyncio.create_task(relay.warm_up())
+        freeze_startup_objects()
         try:
             yield
         finally:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -199,6 +201,15 @@ def test_openai_error_body() -> None:
                                       "code": "rate_limited"}}
 
 
+@pytest.fixture()
+def thawed() -> Iterator[None]:
+    """Tests that start the app's lifespan freeze this process's objects: thaw them after."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.mark.usefixtures("thawed")
 def test_unexpected_errors_get_the_envelope_and_an_id() -> None:
     from starlette.requests import Request
     from starlette.testclient import TestClient
@@ -214,6 +225,30 @@ def test_unexpected_errors_get_the_envelope_and_an_id() -> None:
         r = client.get("/boom")
         assert r.status_code == 500 and r.headers["x-request-id"]
         assert r.json()["error"]["type"] == "server_error" and "bug" not in r.text
+        assert client.get("/health").status_code == 200
+
+
+@pytest.mark.usefixtures("thawed")
+def test_startup_hides_what_lives_forever_from_full_collections() -> None:
+    from starlette.testclient import TestClient
+
+    from gateway.app import create_app
+    from tokenrelay.heap import freeze_startup_objects
+
+    class Node:
+        other: Any = None
+
+    kept = [[i] for i in range(1000)]  # alive before, so frozen
+    cycle = Node()
+    cycle.other = cycle  # garbage before, so collected, not frozen for good
+    gone = weakref.ref(cycle)
+    del cycle
+    freeze_startup_objects()
+    assert gc.get_freeze_count() >= len(kept)
+    assert gone() is None
+    gc.unfreeze()
+    with TestClient(create_app(GatewaySettings(redis_url="redis://127.0.0.1:1/0"))) as client:
+        assert gc.get_freeze_count() >= len(kept)  # the lifespan froze them again
         assert client.get("/health").status_code == 200
 
 

@@ -18,6 +18,7 @@ from arq.worker import func
 from redis.exceptions import RedisError
 
 from tokenrelay import wire
+from tokenrelay.heap import freeze_startup_objects
 from tokenrelay.redispool import ConcurrentConnectionPool
 from worker.engine import Engine
 from worker.loading import Loaded, load
@@ -130,6 +131,7 @@ async def serve(settings: WorkerSettings, loaded: Loaded, engine: Engine) -> Non
     ]
     log.info("worker %s serving %r on queue %s (batch %d, KV budget %d tokens)", worker_id,
              settings.served_model_name, wire.queue_name(settings.served_model_name), settings.max_batch_size, budget)
+    freeze_startup_objects()
     try:
         await worker.async_run()
     except asyncio.CancelledError:
