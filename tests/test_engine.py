@@ -222,6 +222,52 @@ def test_cancel_frees_the_row(loaded: tuple[Any, Any]) -> None:
         engine.stop()
 
 
+def test_arrivals_during_a_prefill_join_before_the_next_decode(
+    loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that arrives while another is being prefilled is prefilled next, not after a
+    decode step of the batch: in a wave of arrivals each such step delayed every later one."""
+    model, tok = loaded
+    steps: list[str] = []
+    first_prefill_started, second_submitted = threading.Event(), threading.Event()
+    prefill, decode = Engine._prefill, Engine._decode
+
+    def traced_prefill(self: Engine, seqs: list[Any]) -> None:
+        steps.append("prefill " + ",".join(s.request.request_id for s in seqs))
+        if len(steps) == 1:
+            first_prefill_started.set()
+            assert second_submitted.wait(10)
+        prefill(self, seqs)
+
+    def traced_decode(self: Engine) -> None:
+        steps.append("decode")
+        decode(self)
+
+    monkeypatch.setattr(Engine, "_prefill", traced_prefill)
+    monkeypatch.setattr(Engine, "_decode", traced_decode)
+    engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id}, max_batch_size=4)
+    engine.start()
+    params = SamplingParams(temperature=0, ignore_eos=True)
+
+    async def tokens(request_id: str) -> int:
+        return sum([o.tokens async for outs in engine.generate(request_id, [[1, 2, 3]], n=1, max_tokens=[3],
+                                                               params=params) for o in outs])
+
+    async def scenario() -> list[int]:
+        first = asyncio.ensure_future(tokens("a"))
+        assert await asyncio.to_thread(first_prefill_started.wait, 10)
+        second = asyncio.ensure_future(tokens("b"))
+        await asyncio.sleep(0)  # generate() hands "b" to the engine at its first step
+        second_submitted.set()
+        return list(await asyncio.gather(first, second))
+
+    try:
+        assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [3, 3]
+    finally:
+        engine.stop()
+    assert steps[:3] == ["prefill a", "prefill b", "decode"]
+
+
 def test_mixed_settings_share_a_batch(loaded: tuple[Any, Any]) -> None:
     """Greedy, seeded sampling and a stop string in one batch, each honoured."""
     model, tok = loaded

@@ -264,7 +264,13 @@ class Engine:
                     self._drop(dead)
                 self._team_busy |= bool(self._running or self._waiting)
                 try:
-                    self._admit()
+                    if self._admit() and not self._inbox.empty():
+                        # What arrived during that prefill joins before the batch decodes: in a
+                        # wave of arrivals it would wait a decode step more, on a busy machine
+                        # several milliseconds (docs/benchmarks-notes.md).
+                        if not self._drain_inbox(block=False):
+                            break
+                        self._admit()
                     if self._running:
                         self._decode()
                 except Exception as exc:
@@ -345,8 +351,8 @@ class Engine:
     def _footprint(self, rows: int, length: int) -> int:
         return rows * length
 
-    def _admit(self) -> None:
-        """Move waiting sequences into the batch while rows and the KV budget allow."""
+    def _admit(self) -> bool:
+        """Move waiting sequences into the batch while rows and the KV budget allow; whether any moved."""
         length = self._batch.length if self._batch is not None else 0
         live = len(self._live())
         holes = len(self._running) - live
@@ -364,6 +370,7 @@ class Engine:
             length = new_length
         if admitted:
             self._prefill(admitted)
+        return bool(admitted)
 
     def _forward(
         self, input_ids: torch.Tensor, batch: KVBatch, position_ids: torch.Tensor, all_logits: bool = False
