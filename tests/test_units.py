@@ -201,6 +201,8 @@ def test_onednn_linears_match_torch_and_can_be_undone(tiny_model: object) -> Non
     assert layouts.packed  # the first step on the other side starts the dwell
     layouts.fit(1)
     assert not layouts.packed and sum(not m.weight.is_mkldnn for m in layouts.owned) == 1  # one layer per step
+    layouts.fit(8)  # many rows again: the move waits while they dwell
+    assert not layouts.packed and sum(not m.weight.is_mkldnn for m in layouts.owned) == 1
     with torch.inference_mode():
         mixed = model(input_ids=ids).logits  # layers in both layouts at once
     while any(m.weight.is_mkldnn for m in layouts.owned):

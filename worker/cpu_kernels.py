@@ -66,8 +66,9 @@ class Layouts:
     second copy of every weight, so the weights change layout instead (~0.25 s for all of
     SmolLM2's): once the steps have stayed ``DWELL_S`` on the other side of ``SMALL_ROWS``, a few
     layers per step (as many as fit in ``STEP_BUDGET_S``, at least one), so no step stalls; a
-    layer runs in whatever layout it holds. ``small_rows_dense`` is False where MKL was not faster for one row when the
-    model was packed; the layout then never changes.
+    layer runs in whatever layout it holds. A move waits while the steps are back on the side it
+    left, and turns back once they have stayed there ``DWELL_S``. ``small_rows_dense`` is False
+    where MKL was not faster for one row when the model was packed; the layout then never changes.
     """
 
     SMALL_ROWS = 2
@@ -86,15 +87,19 @@ class Layouts:
         if not self.small_rows_dense:
             return
         want_packed = rows > self.SMALL_ROWS
-        if want_packed == self.packed:
-            self._other_side_since = None
-        else:
-            now = time.monotonic()
-            if self._other_side_since is None:
+        if want_packed != self.packed:
+            now, since = time.monotonic(), self._other_side_since
+            if since is None:
                 self._other_side_since = now
-            elif now - self._other_side_since >= self.DWELL_S:
-                self.packed, self._other_side_since = want_packed, None
-                self._moving = [m for m in self.owned if m.weight.is_mkldnn != want_packed]
+            if since is None or now - since < self.DWELL_S:
+                # A move under way waits: these rows want the layers where they were. Going on
+                # moved layers that the dwell then moved back (a burst's end finished a move to
+                # the packed layout during the next lone request's first second).
+                return
+            self.packed, self._other_side_since = want_packed, None
+            self._moving = [m for m in self.owned if m.weight.is_mkldnn != want_packed]
+        else:
+            self._other_side_since = None
         if self._moving:
             self._move(self.STEP_BUDGET_S)
 
