@@ -119,13 +119,19 @@ def test_rate_limit_error_when_queue_full(
 
 
 @contextlib.contextmanager
-def ghost_model(redis_url: str, name: str) -> Iterator[redis.Redis]:
-    """A model a worker key announces but no worker consumes: its jobs wait until they expire."""
+def ghost_model(redis_url: str, name: str, gateway: str) -> Iterator[redis.Redis]:
+    """A model a worker key announces but no worker consumes: its jobs wait until they expire.
+    Yields once ``gateway`` lists it (its registry caches the workers for a moment)."""
     store = redis.Redis.from_url(redis_url)
     info = wire.WorkerInfo(worker_id=f"{name}-1", model=name, capacity=1, context_length=4096,
                            max_request_tokens=4096, started_at=time.time())
     store.set(wire.worker_key(info.worker_id), info.to_json(), ex=30)
     try:
+        listed = client_for(gateway).models.list
+        deadline = time.monotonic() + 5
+        while name not in [m.id for m in listed().data]:
+            assert time.monotonic() < deadline, f"{gateway} never listed {name}"
+            time.sleep(0.05)
         yield store
     finally:
         store.delete(wire.worker_key(info.worker_id), wire.queue_name(name))
@@ -133,9 +139,8 @@ def ghost_model(redis_url: str, name: str) -> Iterator[redis.Redis]:
 
 def test_service_unavailable_when_no_worker_takes_the_job(redis_url: str, strict_gateway: str) -> None:
     ghost = "tiny-conf-ghost"
-    with ghost_model(redis_url, ghost):
+    with ghost_model(redis_url, ghost, strict_gateway):
         client = client_for(strict_gateway)
-        assert ghost in [m.id for m in client.models.list().data]
         for stream in (False, True):
             started = time.monotonic()
             with pytest.raises(openai.InternalServerError) as err:
@@ -147,7 +152,7 @@ def test_service_unavailable_when_no_worker_takes_the_job(redis_url: str, strict
 
 def test_abandoned_jobs_do_not_fill_the_queue(redis_url: str, strict_gateway: str) -> None:
     ghost = "tiny-conf-ghost-2"
-    with ghost_model(redis_url, ghost):
+    with ghost_model(redis_url, ghost, strict_gateway):
         client = client_for(strict_gateway)
         for _ in range(2):
             with pytest.raises(openai.APIStatusError) as err:
@@ -161,7 +166,7 @@ def test_queue_timeout_is_not_retried_by_the_sdk(redis_url: str, strict_gateway:
     queue timeout costs one queue wait, not three."""
     ghost = "tiny-conf-ghost-3"
     sent: list[httpx.Request] = []
-    with ghost_model(redis_url, ghost), httpx.Client(event_hooks={"request": [sent.append]}) as http:
+    with ghost_model(redis_url, ghost, strict_gateway), httpx.Client(event_hooks={"request": [sent.append]}) as http:
         client = openai.OpenAI(base_url=strict_gateway + "/v1", api_key="x", max_retries=2, timeout=30,
                                http_client=http)
         for stream in (False, True):
