@@ -39,7 +39,10 @@ OPTIONS: list[Option] = [
     Option("--default-temperature", config.float_in(0.0, 2.0), None,
            "temperature for requests that set none (default: 1.0, as OpenAI)"),
     Option("--default-top-p", config.float_in(0.0, 1.0), None, "top_p for requests that set none (default: 1.0)"),
-    Option("--poll-delay", config.float_in(0.0, 5.0), 0.05,
+    # Only the fallback for a lost wake-up (gateways wake workers at each enqueue, a worker claims
+    # as a row frees): every poll is a Redis round trip that preempts the model's threads, and at
+    # one user 0.05 s cost ~2 % of the tokens/s on 2 CPUs (docs/benchmarks-notes.md).
+    Option("--poll-delay", config.float_in(0.0, 5.0), 0.5,
            "seconds between queue polls (gateways also wake workers at each enqueue)"),
     Option("--job-timeout", config.float_in(1.0), 600.0, "longest a single request may generate, seconds"),
     Option("--cache-dir", config.text, DEFAULT_CACHE_DIR, "where converted GGUF models are kept"),
