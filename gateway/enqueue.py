@@ -1,4 +1,4 @@
-"""Putting a job on its arq queue in one Redis round trip.
+"""Putting jobs on their arq queues: each in one script, all of a loop turn's in one round trip.
 
 arq's own ``enqueue_job`` takes three round trips (WATCH, EXISTS, MULTI/EXEC), and the gateway
 added two more (ZCARD for ``--max-queue-length``, PUBLISH to wake a worker). Under load each
@@ -6,14 +6,22 @@ round trip waits for a turn of a busy event loop, so those five were most of a r
 before a worker saw it. This script does the same checks and writes atomically, in arq's own
 format (``arq.jobs.serialize_job`` with the wire serializer), so arq's workers take the job as if
 ``enqueue_job`` had written it.
+
+A burst of requests is enqueued in few pipelines, not one call each: the jobs that wait while a
+pipeline is out go together in the next one. A call each also took a pooled connection each, so
+a first burst of 32 requests opened ~30 new Redis connections (a connect and redis-py's
+handshake each) before its jobs reached a worker (docs/benchmarks-notes.md).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from typing import Any
 
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
+from redis.exceptions import NoScriptError
 
 from tokenrelay import wire
 
@@ -32,24 +40,77 @@ redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
 redis.call('PUBLISH', ARGV[6], '')
 return {1, 0}
 """
+_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
 ENQUEUED, QUEUE_FULL, ID_TAKEN = 1, 0, -1
 
+# One job's EVALSHA arguments (numkeys, keys, args) and the future of its caller.
+_Pending = tuple[list[Any], "asyncio.Future[tuple[int, int]]"]
+
 
 class Enqueuer:
-    """``await enqueuer(job, expires_s, max_queue_length)`` → (outcome, jobs waiting)."""
+    """``await enqueuer(job, expires_s, max_queue_length)`` → (outcome, jobs waiting).
+
+    Each job is its own script call, so one job's refusal (queue full, id taken) or failure
+    leaves the others of its pipeline as they are. A caller that is cancelled while it waits may
+    still have its job enqueued, as with any call whose reply never came.
+    """
 
     def __init__(self, redis: Any) -> None:
-        self._script = redis.register_script(_SCRIPT)  # EVALSHA, loading the script when Redis lacks it
+        self._redis = redis
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def __call__(self, job: wire.Job, expires_s: float, max_queue_length: int) -> tuple[int, int]:
         now = timestamp_ms()
         payload = serialize_job(wire.GENERATE_FUNCTION, (job.to_dict(),), {}, None, now,
                                 serializer=wire.serialize_job)
         queue = wire.queue_name(job.model)
-        outcome, waiting = await self._script(
-            keys=[queue, wire.arq_job_key(job.request_id), wire.arq_result_key(job.request_id)],
-            args=[job.request_id, payload, max(1, int(expires_s * 1000)), now, max_queue_length,
-                  wire.wake_channel(job.model)],
-        )
-        return int(outcome), int(waiting)
+        call = [3, queue, wire.arq_job_key(job.request_id), wire.arq_result_key(job.request_id),
+                job.request_id, payload, max(1, int(expires_s * 1000)), now, max_queue_length,
+                wire.wake_channel(job.model)]
+        done: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self._pending.append((call, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+            self._flusher.add_done_callback(self._flusher_ended)
+        return await done
+
+    def _flusher_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():  # the loop is going away: nobody waits in vain
+            for _, done in self._pending:
+                done.cancel()
+            self._pending = []
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                replies = await self._run([call for call, _ in batch])
+                if any(isinstance(r, NoScriptError) for r in replies):
+                    # Redis lost its scripts (a restart, SCRIPT FLUSH): load it, run those again.
+                    await self._redis.script_load(_SCRIPT)
+                    again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+                    for i, reply in zip(again, await self._run([batch[i][0] for i in again]), strict=True):
+                        replies[i] = reply
+            except BaseException as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.cancel() if isinstance(exc, asyncio.CancelledError) else done.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, done), reply in zip(batch, replies, strict=True):
+                if done.done():
+                    continue  # its caller was cancelled
+                if isinstance(reply, Exception):
+                    done.set_exception(reply)
+                else:
+                    done.set_result((int(reply[0]), int(reply[1])))
+
+    async def _run(self, calls: list[list[Any]]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(_SHA, *call)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies

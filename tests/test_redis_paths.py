@@ -88,6 +88,56 @@ def test_enqueue_refuses_a_full_queue_with_its_length(redis_url: str) -> None:
     _run(redis_url, body)
 
 
+def test_a_burst_of_enqueues_shares_round_trips_and_connections(redis_url: str) -> None:
+    model = f"m-{uuid.uuid4().hex[:8]}"
+
+    async def body(pool: ArqRedis) -> None:
+        enqueue = Enqueuer(pool)
+        jobs = [_job(model) for _ in range(32)]
+        outcomes = await asyncio.gather(*(enqueue(job, 30.0, 20) for job in jobs))
+        # Each job is still its own script: the first 20 fit, the others see the queue full.
+        assert outcomes == [(ENQUEUED, 0)] * 20 + [(QUEUE_FULL, 20)] * 12
+        assert await pool.zcard(wire.queue_name(model)) == 20
+        assert all([await pool.exists(wire.arq_job_key(j.request_id)) for j in jobs[:20]])
+        # One call each had opened a connection each (redis-py's pool hands each call its own).
+        assert len(pool.connection_pool._in_use_connections) == 0
+        assert len(pool.connection_pool._available_connections) <= 2
+
+    _run(redis_url, body)
+
+
+def test_enqueue_loads_its_script_again_after_redis_lost_it(redis_url: str) -> None:
+    model = f"m-{uuid.uuid4().hex[:8]}"
+
+    async def body(pool: ArqRedis) -> None:
+        enqueue = Enqueuer(pool)
+        assert (await enqueue(_job(model), 30.0, 0))[0] == ENQUEUED
+        await pool.script_flush()  # what a Redis restart does to the script cache
+        outcomes = await asyncio.gather(*(enqueue(_job(model), 30.0, 0) for _ in range(3)))
+        assert outcomes == [(ENQUEUED, 0)] * 3
+        assert await pool.zcard(wire.queue_name(model)) == 4
+
+    _run(redis_url, body)
+
+
+def test_a_cancelled_enqueue_leaves_the_others_of_its_batch_answered(redis_url: str) -> None:
+    model = f"m-{uuid.uuid4().hex[:8]}"
+
+    async def body(pool: ArqRedis) -> None:
+        enqueue = Enqueuer(pool)
+        jobs = [_job(model) for _ in range(3)]
+        calls = [asyncio.ensure_future(enqueue(job, 30.0, 0)) for job in jobs]
+        await asyncio.sleep(0)  # all three are queued for one pipeline
+        calls[1].cancel()
+        assert await calls[0] == (ENQUEUED, 0) and await calls[2] == (ENQUEUED, 0)
+        with pytest.raises(asyncio.CancelledError):
+            await calls[1]
+        # Its caller left, but the job was on its way: it is queued, as a relay's cancel expects.
+        assert await pool.zcard(wire.queue_name(model)) == 3
+
+    _run(redis_url, body)
+
+
 def _event(seq: int, text: str) -> dict[str, Any]:
     return wire.delta_event(seq, [wire.choice_delta(0, text, tokens=1)])
 
