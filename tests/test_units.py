@@ -227,46 +227,6 @@ def test_onednn_linears_match_torch_and_can_be_undone(tiny_model: object) -> Non
         assert torch.equal(m.weight.detach(), dense[id(m)])
 
 
-def test_prefills_run_at_rounded_row_counts_that_the_warm_up_built(tiny_model: object) -> None:
-    from transformers import AutoModelForCausalLM
-
-    from worker import cpu_kernels
-    from worker.cpu_kernels import layouts_of, prefill_rows, prefill_shapes, use_onednn_linears, warm_shapes
-
-    assert [prefill_rows(n) for n in (1, 7, 50, 64, 65, 81, 512, 1000)] == [1, 7, 50, 64, 72, 88, 512, 1000]
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
-    model.get_output_embeddings().weight = model.get_input_embeddings().weight  # tied, as SmolLM2
-    ids = torch.randint(3, 100, (3, 23))  # 69 token rows, run as 72
-    with torch.inference_mode():
-        expected = model(input_ids=ids).logits
-        use_onednn_linears(model)
-        layouts = layouts_of(model)
-        assert layouts is not None
-        seen: list[int] = []
-        op = cpu_kernels.torch.ops.mkldnn._linear_pointwise
-
-        def spy(x: torch.Tensor, *args: object) -> torch.Tensor:
-            seen.append(x.numel() // x.shape[-1])
-            return op(x, *args)  # type: ignore[no-any-return]
-
-        for module in layouts.owned:  # the closures read the op they were built with: rebuild them
-            module.forward = cpu_kernels._forward(module, spy, layouts, None)
-        with prefill_shapes(model):
-            assert layouts.prefilling
-            padded = model(input_ids=ids).logits
-        assert not layouts.prefilling
-        plain = model(input_ids=ids).logits
-    # Rows are independent: the zero rows added change nothing, and are cut off again.
-    assert padded.shape == expected.shape and torch.allclose(padded, expected, atol=1e-4)
-    assert torch.allclose(plain, expected, atol=1e-4)
-    half = len(seen) // 2
-    assert set(seen[:half]) == {72} and set(seen[half:]) == {69}
-    # Every row count up to 64, then prefills by 8s, for each layer shape but the output projection's.
-    shapes = {(m.in_features, m.out_features) for m in layouts.owned}
-    counts = set(range(1, 65)) | set(range(64, cpu_kernels.WARM_PREFILL_ROWS + 1, 8))
-    assert warm_shapes(model) == len(shapes) * len(counts) > 0
-
-
 def test_cpu_linear_setting_is_strict() -> None:
     assert WorkerSettings.from_values(config.resolve(OPTIONS, {"model": "m"}, {})).cpu_linear == "onednn"
     values = config.resolve(OPTIONS, {"model": "m"}, {"TOKENRELAY_CPU_LINEAR": "torch"})

@@ -22,11 +22,10 @@ gives the layers back their plain weights.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,9 +33,6 @@ import torch
 log = logging.getLogger(__name__)
 
 _LAYOUTS = "_onednn_layouts"  # where a packed model keeps its Layouts
-PREFILL_ROW_STEP = 8
-WARM_DECODE_ROWS = 64
-WARM_PREFILL_ROWS = 512
 
 
 def _forward(module: torch.nn.Linear, op: Any, layouts: Layouts,
@@ -54,33 +50,11 @@ def _forward(module: torch.nn.Linear, op: Any, layouts: Layouts,
             packed = copy
         else:
             return torch.nn.functional.linear(x, weight, module.bias)
-        if layouts.prefilling:
-            return _padded_rows(op, x, packed, module.bias)
         out: torch.Tensor = op(x, packed, module.bias, "none", [], "")
         return out
 
     forward._onednn = True  # type: ignore[attr-defined]  # what restore_linears may undo
     return forward
-
-
-def prefill_rows(rows: int) -> int:
-    """The row count a prefill's linears run at: ``rows`` itself up to ``WARM_DECODE_ROWS`` (each
-    of those is built at startup), else rounded up to ``PREFILL_ROW_STEP``."""
-    if rows <= WARM_DECODE_ROWS:
-        return rows
-    return -(-rows // PREFILL_ROW_STEP) * PREFILL_ROW_STEP
-
-
-def _padded_rows(op: Any, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]
-    padded = prefill_rows(rows)
-    if padded == rows:
-        out: torch.Tensor = op(x, packed, bias, "none", [], "")
-        return out
-    grown = x.new_zeros((padded, x.shape[-1]))
-    grown[:rows] = x.reshape(rows, x.shape[-1])
-    out = op(grown, packed, bias, "none", [], "")
-    return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
 class Layouts:
@@ -105,7 +79,6 @@ class Layouts:
         self.owned = owned  # layers whose parameter is the packed weight
         self.small_rows_dense = small_rows_dense
         self.packed = True  # the layout the layers hold, or are moving to
-        self.prefilling = False  # the engine runs a prefill: its row counts are rounded (prefill_rows)
         self._other_side_since: float | None = None
         self._moving: list[torch.nn.Linear] = []
 
@@ -275,47 +248,3 @@ def restore_linears(model: Any) -> None:
             weight = module.weight.detach()
             module.weight = torch.nn.Parameter(weight.to_dense() if weight.is_mkldnn else weight,
                                                requires_grad=requires_grad)
-
-
-@contextlib.contextmanager
-def prefill_shapes(model: Any) -> Iterator[None]:
-    layouts = layouts_of(model)
-    if layouts is None:
-        yield
-        return
-    layouts.prefilling = True
-    try:
-        yield
-    finally:
-        layouts.prefilling = False
-
-
-def warm_shapes(model: Any) -> int:
-    """Have oneDNN build its kernel for each row count a step may take, before the first request.
-
-    oneDNN builds a kernel per shape on first use and caches it (1,024 by default, least recently
-    used out). A prefill of a new row count took the overhead point's tiny model 5.3 ms against
-    1.8 once built, and SmolLM2 6-10 ms more, and a wave's prefills come in ever new row counts
-    (docs/benchmarks-notes.md). Here: 1..``WARM_DECODE_ROWS`` rows (decode steps, small
-    prefills), then prefills rounded to ``PREFILL_ROW_STEP`` up to ``WARM_PREFILL_ROWS`` token
-    rows, for each packed weight shape but the output projection's (it sees one row per sequence;
-    its temporaries are the largest, and with them SmolLM2 at 8 users made ~3 % fewer tokens/s).
-    Returns how many kernels it ran.
-    """
-    layouts = layouts_of(model)
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if layouts is None or op is None:
-        return 0
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    counts = sorted(set(range(1, WARM_DECODE_ROWS + 1))
-                    | set(range(WARM_DECODE_ROWS, WARM_PREFILL_ROWS + 1, PREFILL_ROW_STEP)))
-    shapes: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for module in layouts.owned:
-        if module.weight.is_mkldnn and module is not output:
-            shapes.setdefault((module.in_features, module.out_features, module.bias is not None),
-                              (module.weight, module.bias))
-    with torch.inference_mode():
-        for (features, _, _), (weight, bias) in shapes.items():
-            for rows in counts:
-                op(torch.zeros((rows, features)), weight, bias, "none", [], "")
-    return len(shapes) * len(counts)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from tokenrelay.wire import SamplingParams
-from worker.cpu_kernels import fit_rows, prefill_shapes
+from worker.cpu_kernels import fit_rows
 from worker.detokenize import IncrementalDetokenizer, StopText
 from worker.kvbatch import KVBatch, new_cache
 from worker.openmp import release_openmp_threads
@@ -457,8 +457,7 @@ class Engine:
             if not s.output_ids:  # a preempted sequence's recompute is not its request's prompt
                 s.cached_tokens = used[row]
         part = KVBatch(cache, mask, mask.sum(-1))
-        with prefill_shapes(self.model):
-            logits = self._forward(ids, part, position_ids, all_logits=bool(wanting))
+        logits = self._forward(ids, part, position_ids, all_logits=bool(wanting))
         if self.prefixes is not None:
             self._keep_prefixes(prompts, used, part)
         if wanting:

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,16 +101,13 @@ def load(settings: WorkerSettings) -> Loaded:
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.eval()
     if settings.cpu_linear == "onednn":
-        from worker.cpu_kernels import layouts_of, use_onednn_linears, warm_shapes
+        from worker.cpu_kernels import layouts_of, use_onednn_linears
 
         if count := use_onednn_linears(model):
             layouts = layouts_of(model)
             small = layouts is not None and layouts.small_rows_dense
             log.info("%d float32 CPU linear layers run on oneDNN (--cpu-linear torch: MKL)%s", count,
                      "; on MKL for one or two rows, where it measured faster" if small else "")
-            started = time.perf_counter()
-            kernels = warm_shapes(model)
-            log.info("oneDNN kernels for %d step shapes built in %.2f s", kernels, time.perf_counter() - started)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(tokenizer, "model_max_length", 2048))
     eos: set[int] = set()
