@@ -8,14 +8,15 @@ format (``arq.jobs.serialize_job`` with the wire serializer), so arq's workers t
 ``enqueue_job`` had written it.
 
 A burst of requests is enqueued in few pipelines, not one call each: the jobs that wait while a
-pipeline is out go together in the next one. A call each also took a pooled connection each, so
-a first burst of 32 requests opened ~30 new Redis connections (a connect and redis-py's
-handshake each) before its jobs reached a worker (docs/benchmarks-notes.md).
+pipeline is out go together in the next one. A call each also took a pooled connection each: the
+first burst of 32 requests opened one for most of them (a connect and redis-py's setup commands,
+on a busy loop), and its jobs reached a worker ~30 ms late (docs/benchmarks-notes.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 from typing import Any
 
@@ -93,13 +94,15 @@ class Enqueuer:
                     again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
                     for i, reply in zip(again, await self._run([batch[i][0] for i in again]), strict=True):
                         replies[i] = reply
-            except BaseException as exc:
+            except Exception as exc:
                 for _, done in batch:
                     if not done.done():
-                        done.cancel() if isinstance(exc, asyncio.CancelledError) else done.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
+                        done.set_exception(_own_copy(exc))
                 continue
+            except BaseException:  # cancelled with the loop: its callers are cancelled too
+                for _, done in batch:
+                    done.cancel()
+                raise
             for (_, done), reply in zip(batch, replies, strict=True):
                 if done.done():
                     continue  # its caller was cancelled
@@ -114,3 +117,13 @@ class Enqueuer:
                 pipe.evalsha(_SHA, *call)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             return replies
+
+
+def _own_copy(exc: Exception) -> Exception:
+    """One exception object per waiter: each raise extends the traceback of the object it raises."""
+    try:
+        own = copy.copy(exc)
+    except Exception:  # an exception type that cannot be rebuilt from its args
+        return exc
+    own.__cause__ = exc
+    return own

@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.enqueue import ENQUEUED, ID_TAKEN, QUEUE_FULL, Enqueuer
 from gateway.subscriber import Subscriber
+from tests.procs import free_port
 from tokenrelay import wire
 from worker.queue import BatchWorker
 
@@ -118,6 +119,22 @@ def test_enqueue_loads_its_script_again_after_redis_lost_it(redis_url: str) -> N
         assert await pool.zcard(wire.queue_name(model)) == 4
 
     _run(redis_url, body)
+
+
+def test_a_failed_pipeline_fails_each_of_its_enqueues_with_its_own_error() -> None:
+    async def main() -> None:
+        port = free_port()  # nothing listens there
+        pool = ArqRedis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1)
+        try:
+            enqueue = Enqueuer(pool)
+            results = await asyncio.gather(*(enqueue(_job("m"), 30.0, 0) for _ in range(3)),
+                                           return_exceptions=True)
+        finally:
+            await pool.aclose()
+        assert all(isinstance(r, RedisConnectionError) for r in results)
+        assert len({id(r) for r in results}) == 3  # raising one shared object grows its traceback
+
+    asyncio.run(main())
 
 
 def test_a_cancelled_enqueue_leaves_the_others_of_its_batch_answered(redis_url: str) -> None:
