@@ -7,16 +7,15 @@ before a worker saw it. This script does the same checks and writes atomically, 
 format (``arq.jobs.serialize_job`` with the wire serializer), so arq's workers take the job as if
 ``enqueue_job`` had written it.
 
-A burst of requests is enqueued in few pipelines, not one call each: the jobs that wait while a
-pipeline is out go together in the next one. A call each also took a pooled connection each: the
-first burst of 32 requests opened one for most of them (a connect and redis-py's setup commands,
-on a busy loop), and its jobs reached a worker ~30 ms late (docs/benchmarks-notes.md).
+A burst of requests is enqueued in few pipelines, not one call each (``tokenrelay.batching``):
+the jobs that wait while a pipeline is out go together in the next one. A call each also took a
+pooled connection each: the first burst of 32 requests opened one for most of them (a connect and
+redis-py's setup commands, on a busy loop), and its jobs reached a worker ~30 ms late
+(docs/benchmarks-notes.md).
 """
 
 from __future__ import annotations
 
-import asyncio
-import copy
 import hashlib
 from typing import Any
 
@@ -25,6 +24,7 @@ from arq.utils import timestamp_ms
 from redis.exceptions import NoScriptError
 
 from tokenrelay import wire
+from tokenrelay.batching import Batcher
 
 # KEYS: queue (sorted set), job key, result key.
 # ARGV: job id, serialized job, expiry ms, score, queue limit (0 = none), wake channel.
@@ -45,9 +45,6 @@ _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
 ENQUEUED, QUEUE_FULL, ID_TAKEN = 1, 0, -1
 
-# One job's EVALSHA arguments (numkeys, keys, args) and the future of its caller.
-_Pending = tuple[list[Any], "asyncio.Future[tuple[int, int]]"]
-
 
 class Enqueuer:
     """``await enqueuer(job, expires_s, max_queue_length)`` → (outcome, jobs waiting).
@@ -59,8 +56,8 @@ class Enqueuer:
 
     def __init__(self, redis: Any) -> None:
         self._redis = redis
-        self._pending: list[_Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
+        # One job's EVALSHA arguments (numkeys, keys, args) → its script's reply.
+        self._batcher: Batcher[list[Any], Any] = Batcher(self._send)
 
     async def __call__(self, job: wire.Job, expires_s: float, max_queue_length: int) -> tuple[int, int]:
         now = timestamp_ms()
@@ -70,46 +67,18 @@ class Enqueuer:
         call = [3, queue, wire.arq_job_key(job.request_id), wire.arq_result_key(job.request_id),
                 job.request_id, payload, max(1, int(expires_s * 1000)), now, max_queue_length,
                 wire.wake_channel(job.model)]
-        done: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
-        self._pending.append((call, done))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-            self._flusher.add_done_callback(self._flusher_ended)
-        return await done
+        reply = await self._batcher.call(call)
+        return int(reply[0]), int(reply[1])
 
-    def _flusher_ended(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():  # the loop is going away: nobody waits in vain
-            for _, done in self._pending:
-                done.cancel()
-            self._pending = []
-
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                replies = await self._run([call for call, _ in batch])
-                if any(isinstance(r, NoScriptError) for r in replies):
-                    # Redis lost its scripts (a restart, SCRIPT FLUSH): load it, run those again.
-                    await self._redis.script_load(_SCRIPT)
-                    again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                    for i, reply in zip(again, await self._run([batch[i][0] for i in again]), strict=True):
-                        replies[i] = reply
-            except Exception as exc:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(_own_copy(exc))
-                continue
-            except BaseException:  # cancelled with the loop: its callers are cancelled too
-                for _, done in batch:
-                    done.cancel()
-                raise
-            for (_, done), reply in zip(batch, replies, strict=True):
-                if done.done():
-                    continue  # its caller was cancelled
-                if isinstance(reply, Exception):
-                    done.set_exception(reply)
-                else:
-                    done.set_result((int(reply[0]), int(reply[1])))
+    async def _send(self, calls: list[list[Any]]) -> list[Any]:
+        replies = await self._run(calls)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # Redis lost its scripts (a restart, SCRIPT FLUSH): load it, run those again.
+            await self._redis.script_load(_SCRIPT)
+            again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            for i, reply in zip(again, await self._run([calls[i] for i in again]), strict=True):
+                replies[i] = reply
+        return replies
 
     async def _run(self, calls: list[list[Any]]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -117,13 +86,3 @@ class Enqueuer:
                 pipe.evalsha(_SHA, *call)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             return replies
-
-
-def _own_copy(exc: Exception) -> Exception:
-    """One exception object per waiter: each raise extends the traceback of the object it raises."""
-    try:
-        own = copy.copy(exc)
-    except Exception:  # an exception type that cannot be rebuilt from its args
-        return exc
-    own.__cause__ = exc
-    return own

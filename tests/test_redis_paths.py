@@ -382,8 +382,9 @@ def test_jobs_waiting_for_a_cancelled_finisher_do_not_hang(redis_url: str) -> No
         waiting = [asyncio.create_task(worker.finish_job(f"j{i}", True, None, None, False, None, None))
                    for i in range(2)]
         await asyncio.sleep(0)  # both queued; the finisher is created and has not run yet
-        assert worker._finisher is not None
-        worker._finisher.cancel()
+        flusher = worker._finisher._flusher
+        assert flusher is not None
+        flusher.cancel()
         done, pending = await asyncio.wait(waiting, timeout=2)
         assert not pending and all(task.cancelled() for task in done)
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from tokenrelay import wire
+from tokenrelay.batching import Batcher
 
 log = logging.getLogger(__name__)
 
-# channel, request id, event, and the future of a sender that waits (None: nobody waits)
-_Pending = tuple[str, str, dict[str, Any], "asyncio.Future[None] | None"]
+# channel, request id, event
+_Event = tuple[str, str, dict[str, Any]]
 
 
 class EventSink:
@@ -23,47 +23,30 @@ class EventSink:
 
     def __init__(self, redis: Any) -> None:
         self._redis = redis
-        self._pending: list[_Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._batcher: Batcher[_Event, None] = Batcher(self._send, on_lost=_lost)
 
     def post(self, channel: str, request_id: str, event: dict[str, Any]) -> None:
         """Queue an event without waiting. If its batch fails, a later event of the request that
         is waited for fails too (batches go out in order), or the gateway sees the seq gap."""
-        self._queue(channel, request_id, event, None)
+        self._batcher.post((channel, request_id, event))
 
     async def publish(self, channel: str, request_id: str, event: dict[str, Any]) -> None:
         """Queue an event and wait until its batch went out (raises what Redis raised)."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue(channel, request_id, event, future)
-        await future
+        await self._batcher.call((channel, request_id, event))
 
-    def _queue(self, channel: str, request_id: str, event: dict[str, Any],
-               future: asyncio.Future[None] | None) -> None:
-        self._pending.append((channel, request_id, event, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+    async def _send(self, events: list[_Event]) -> list[Exception | None]:
+        by_channel: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for channel, request_id, event in events:
+            by_channel.setdefault(channel, []).append((request_id, event))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for channel, batch in by_channel.items():
+                pipe.publish(channel, wire.encode_events(batch))
+            await pipe.execute()
+        return [None] * len(events)
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            by_channel: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-            for channel, request_id, event, _ in batch:
-                by_channel.setdefault(channel, []).append((request_id, event))
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for channel, events in by_channel.items():
-                        pipe.publish(channel, wire.encode_events(events))
-                    await pipe.execute()
-            except Exception as exc:
-                waited = [future for *_, future in batch if future is not None and not future.done()]
-                if not waited:
-                    log.warning("publishing %d event(s) failed: %s", len(batch), exc)
-                for failed in waited:
-                    failed.set_exception(exc)
-            else:
-                for *_, future in batch:
-                    if future is not None and not future.done():
-                        future.set_result(None)
+
+def _lost(exc: Exception, count: int) -> None:
+    log.warning("publishing %d event(s) failed: %s", count, exc)
 
 
 class Publisher:

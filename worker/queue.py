@@ -13,12 +13,13 @@ from arq.utils import ms_to_datetime, timestamp_ms, to_ms
 from arq.worker import JobExecutionFailed, Worker
 
 from tokenrelay import wire
+from tokenrelay.batching import Batcher
 
 log = logging.getLogger("tokenrelay.worker")
 
-# A job to finish: id, finished (else left queued for another try), result record or None, its
-# expiry in seconds (None: kept forever), and the future of the job waiting for it.
-_Finishing = tuple[str, bool, "bytes | None", "float | None", "asyncio.Future[None]"]
+# A job to finish: id, finished (else left queued for another try), result record or None, and
+# its expiry in seconds (None: kept forever).
+_Finishing = tuple[str, bool, "bytes | None", "float | None"]
 
 # How long arq keeps a job's try counter (arq.worker.run_job's own figure).
 _RETRY_KEY_TTL_S = 88400
@@ -84,8 +85,7 @@ class BatchWorker(Worker):  # type: ignore[misc]  # arq is not type-checked here
         self._on_release = on_release
         self._claim_script: Any = None  # registered once arq has its Redis pool
         self._claiming = asyncio.Lock()  # a wake-up's claim and arq's timer poll may overlap
-        self._finishing: list[_Finishing] = []
-        self._finisher: asyncio.Task[None] | None = None
+        self._finisher: Batcher[_Finishing, None] = Batcher(self._finish)
 
     async def claim(self) -> None:
         """Take every due job this worker has room for, and start them."""
@@ -135,48 +135,22 @@ class BatchWorker(Worker):  # type: ignore[misc]  # arq is not type-checked here
             await super().finish_job(job_id, finish, result_data, result_timeout_s, keep_result_forever,
                                      incr_score, keep_in_progress)
             return
-        done: asyncio.Future[None] = self.loop.create_future()
         expire_s = None if keep_result_forever else result_timeout_s
-        self._finishing.append((job_id, finish, result_data, expire_s, done))
-        if self._finisher is None or self._finisher.done():
-            self._finisher = self.loop.create_task(self._finish_batches())
-            self._finisher.add_done_callback(self._finisher_ended)
-        await done
+        await self._finisher.call((job_id, finish, result_data, expire_s))
 
-    def _finisher_ended(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():  # possibly before it started: the jobs still queued wait no more
-            for *_, done in self._finishing:
-                done.cancel()
-            self._finishing = []
-
-    async def _finish_batches(self) -> None:
-        while self._finishing:
-            batch, self._finishing = self._finishing, []
-            finished = [job_id for job_id, finish, *_ in batch if finish]
-            try:
-                async with self.pool.pipeline(transaction=True) as tr:
-                    for job_id, _, result_data, expire_s, _ in batch:
-                        if result_data:
-                            tr.set(wire.arq_result_key(job_id), result_data, px=to_ms(expire_s))
-                    if finished:
-                        tr.zrem(abort_jobs_ss, *finished)
-                        tr.zrem(self.queue_name, *finished)
-                    tr.delete(*[wire.arq_in_progress_key(job_id) for job_id, *_ in batch],
-                              *[key for job_id in finished
-                                for key in (wire.arq_retry_key(job_id), wire.arq_job_key(job_id))])
-                    await tr.execute()
-            except asyncio.CancelledError:
-                for *_, done in batch:  # shutting down: nobody waits for a transaction cut short
-                    done.cancel()
-                raise
-            except Exception as exc:
-                for *_, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-            else:
-                for *_, done in batch:
-                    if not done.done():
-                        done.set_result(None)
+    async def _finish(self, batch: list[_Finishing]) -> list[Exception | None]:
+        finished = [job_id for job_id, finish, *_ in batch if finish]
+        async with self.pool.pipeline(transaction=True) as tr:
+            for job_id, _, result_data, expire_s in batch:
+                if result_data:
+                    tr.set(wire.arq_result_key(job_id), result_data, px=to_ms(expire_s))
+            if finished:
+                tr.zrem(abort_jobs_ss, *finished)
+                tr.zrem(self.queue_name, *finished)
+            tr.delete(*[wire.arq_in_progress_key(job_id) for job_id, *_ in batch],
+                      *[key for job_id in finished for key in (wire.arq_retry_key(job_id), wire.arq_job_key(job_id))])
+            await tr.execute()
+        return [None] * len(batch)
 
     async def close(self) -> None:
         # A job cancelled at shutdown leaves its last transaction to the finisher: let it go out
@@ -185,8 +159,7 @@ class BatchWorker(Worker):  # type: ignore[misc]  # arq is not type-checked here
         if self._pool is not None:
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
             self.tasks.clear()
-            if self._finisher is not None:
-                await asyncio.gather(self._finisher, return_exceptions=True)
+            await self._finisher.flushed()
         await super().close()
 
     async def _run_claimed(self, job_id: str, score: int, payload: bytes, job_try: int, cancelled: bool) -> None:
