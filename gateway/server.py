@@ -21,6 +21,7 @@ def run(settings: GatewaySettings) -> None:
         host=settings.host,
         port=settings.port,
         log_config=None,  # use the root logger set up above: one format for every line
+        access_log=settings.access_log,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="on",
     )

@@ -37,6 +37,12 @@ OPTIONS: list[Option] = [
         8 * 1024 * 1024,
         "largest request body accepted; bigger ones get 413",
     ),
+    Option(
+        "--access-log",
+        config.parse_bool,
+        True,
+        "one log line per request (on/off); off where a proxy in front logs them",
+    ),
 ]
 
 
@@ -49,6 +55,7 @@ class GatewaySettings:
     stream_keepalive: float = 15.0
     max_queue_length: int = 1000
     max_request_bytes: int = 8 * 1024 * 1024
+    access_log: bool = True
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> GatewaySettings:
@@ -61,6 +68,7 @@ class GatewaySettings:
             stream_keepalive=float(values["stream_keepalive"]),
             max_queue_length=int(values["max_queue_length"]),
             max_request_bytes=int(values["max_request_bytes"]),
+            access_log=bool(values["access_log"]),
         )
 
     @classmethod

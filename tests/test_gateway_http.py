@@ -18,7 +18,7 @@ import openai
 import pytest
 import redis
 
-from tests.procs import Proc, free_port, start_gateway
+from tests.procs import Proc, free_port, start_gateway, wait_until
 from tests.scripted_worker import CONTEXT_LENGTH, MAX_REQUEST_TOKENS, ScriptedWorker, scripted_worker
 from tokenrelay import wire
 
@@ -527,3 +527,18 @@ def test_redis_unreachable(log_dir: Path) -> None:
         assert info.value.status_code == 503 and info.value.code == "redis_unavailable"
     finally:
         proc.stop()
+
+
+def test_the_access_log_is_on_by_default_and_can_be_turned_off(gateway: tuple[Proc, str], log_dir: Path) -> None:
+    proc, base = gateway
+    marker = f"/health?probe={uuid.uuid4().hex}"
+    assert httpx.get(base + marker).status_code == 200
+    wait_until(lambda: marker in proc.log(), 5, "the access log line")
+    quiet, quiet_base = start_gateway(f"redis://127.0.0.1:{free_port()}/0", log_dir, {"TOKENRELAY_ACCESS_LOG": "off"})
+    try:
+        marker = f"/health?probe={uuid.uuid4().hex}"
+        assert httpx.get(quiet_base + marker).status_code == 200
+        assert httpx.get(quiet_base + "/v1/models").status_code == 503  # no Redis here: an error is not logged either
+    finally:
+        quiet.stop()
+    assert marker not in quiet.log() and "uvicorn.access" not in quiet.log()

@@ -27,6 +27,8 @@ def test_settings_from_flags_env_and_defaults() -> None:
     settings = GatewaySettings.from_values(values)
     assert settings == GatewaySettings(redis_url="redis://r:1/2", port=9000, queue_timeout=2.5)
     assert GatewaySettings.from_env({}) == GatewaySettings()
+    assert GatewaySettings.from_env({}).access_log is True
+    assert GatewaySettings.from_env({"TOKENRELAY_ACCESS_LOG": "0"}).access_log is False
 
 
 @pytest.mark.parametrize(("env", "flag"), [
@@ -35,6 +37,7 @@ def test_settings_from_flags_env_and_defaults() -> None:
     ({"TOKENRELAY_STREAM_KEEPALIVE": "soon"}, "--stream-keepalive"),
     ({"TOKENRELAY_MAX_REQUEST_BYTES": "-1"}, "--max-request-bytes"),
     ({"REDIS_URL": "http://x"}, "--redis-url"),
+    ({"TOKENRELAY_ACCESS_LOG": "quiet"}, "--access-log"),
 ])
 def test_bad_settings_name_the_flag(env: dict[str, str], flag: str) -> None:
     with pytest.raises(config.ConfigError, match=flag):
