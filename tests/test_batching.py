@@ -39,13 +39,19 @@ async def _until(condition: Callable[[], object]) -> None:
     raise AssertionError("the condition never held")
 
 
+async def _held_batch(count: int) -> tuple[Trip, Batcher[int, int], list[asyncio.Task[int]]]:
+    """A batcher whose first batch, the calls of items 0 .. count - 1, is out and held at the gate."""
+    trip = Trip()
+    batcher: Batcher[int, int] = Batcher(trip)
+    trip.gate.clear()
+    calls = [asyncio.create_task(batcher.call(i)) for i in range(count)]
+    await _until(lambda: trip.batches)
+    return trip, batcher, calls
+
+
 def test_one_turn_goes_in_one_batch_and_later_items_in_the_next_in_order() -> None:
     async def body() -> None:
-        trip = Trip()
-        batcher: Batcher[int, int] = Batcher(trip)
-        trip.gate.clear()
-        first = [asyncio.ensure_future(batcher.call(i)) for i in range(3)]
-        await _until(lambda: trip.batches)  # the batch of 0, 1, 2 is out, held at the gate
+        trip, batcher, first = await _held_batch(3)
         second = [asyncio.ensure_future(batcher.call(i)) for i in range(3, 6)]
         await asyncio.sleep(0)  # their tasks add 3, 4, 5
         batcher.post(6)
@@ -89,11 +95,7 @@ def test_a_failed_batch_fails_each_caller_with_its_own_error_and_reports_a_poste
 
 def test_a_cancelled_caller_leaves_the_rest_of_its_batch_answered() -> None:
     async def body() -> None:
-        trip = Trip()
-        batcher: Batcher[int, int] = Batcher(trip)
-        trip.gate.clear()
-        calls = [asyncio.ensure_future(batcher.call(i)) for i in range(3)]
-        await _until(lambda: trip.batches)
+        trip, _, calls = await _held_batch(3)
         calls[1].cancel()
         trip.gate.set()
         assert await calls[0] == 0 and await calls[2] == 20
@@ -104,11 +106,7 @@ def test_a_cancelled_caller_leaves_the_rest_of_its_batch_answered() -> None:
 
 def test_cancelling_the_batch_in_flight_cancels_its_callers_and_the_queued_ones() -> None:
     async def body() -> None:
-        trip = Trip()
-        batcher: Batcher[int, int] = Batcher(trip)
-        trip.gate.clear()
-        out = [asyncio.ensure_future(batcher.call(i)) for i in range(2)]
-        await _until(lambda: trip.batches)
+        trip, batcher, out = await _held_batch(2)
         queued = asyncio.ensure_future(batcher.call(9))
         await asyncio.sleep(0)  # queued behind the batch that is out
         flusher = batcher._flusher
