@@ -43,6 +43,8 @@ _ids = itertools.count()
 
 def make_engine(bm: BenchModel, max_batch_size: int, kv_cache_tokens: int, nice: int,
                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS) -> Engine:
+    # No batch wait (the worker's --batch-wait-ms): here a wave is submitted in one go, so a wait
+    # could only add to the baseline's TTFT, and so hide part of the relay's overhead.
     engine = Engine(
         model=bm.model,
         tokenizer=bm.tokenizer,

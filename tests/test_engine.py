@@ -268,6 +268,75 @@ def test_arrivals_during_a_prefill_join_before_the_next_decode(
     assert steps[:3] == ["prefill a", "prefill b", "decode"]
 
 
+def _traced_prefills(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The request ids of each prefill pass, in order."""
+    passes: list[list[str]] = []
+    prefill = Engine._prefill
+
+    def traced(self: Engine, seqs: list[Any]) -> None:
+        passes.append([s.request.request_id for s in seqs])
+        prefill(self, seqs)
+
+    monkeypatch.setattr(Engine, "_prefill", traced)
+    return passes
+
+
+async def _tokens(engine: Engine, request_id: str, max_tokens: int = 2) -> int:
+    params = SamplingParams(temperature=0, ignore_eos=True)
+    return sum([o.tokens async for outs in engine.generate(request_id, [[1, 2, 3]], n=1, max_tokens=[max_tokens],
+                                                           params=params) for o in outs])
+
+
+def test_after_concurrent_load_an_idle_engine_prefills_a_burst_in_one_pass(
+    loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests that reach an idle engine a little apart, after it ran several at once, share
+    one prefill: the relay hands a wave over one request at a time."""
+    model, tok = loaded
+    passes = _traced_prefills(monkeypatch)
+    engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id}, max_batch_size=4, batch_wait=0.2)
+    engine.start()
+
+    async def scenario() -> list[int]:
+        await asyncio.gather(_tokens(engine, "a"), _tokens(engine, "b"))  # two at once
+        await asyncio.sleep(0.05)  # idle
+        first = asyncio.ensure_future(_tokens(engine, "c"))
+        await asyncio.sleep(0.05)  # under batch_wait: "c" is still waiting
+        return list(await asyncio.gather(first, _tokens(engine, "d")))
+
+    try:
+        assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [2, 2]
+    finally:
+        engine.stop()
+    assert sorted(map(sorted, passes)) == [["a", "b"], ["c", "d"]]
+
+
+def test_an_engine_that_ran_one_request_at_a_time_does_not_wait(
+    loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tok = loaded
+    passes = _traced_prefills(monkeypatch)
+    # A wait this long would show in every request below.
+    engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id}, batch_wait=5.0)
+    engine.start()
+
+    async def scenario() -> list[float]:
+        took = []
+        for request_id in ("a", "b", "c"):
+            start = time.monotonic()
+            assert await _tokens(engine, request_id) == 2
+            took.append(time.monotonic() - start)
+            await asyncio.sleep(0.02)  # idle between them
+        return took
+
+    try:
+        took = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        engine.stop()
+    assert passes == [["a"], ["b"], ["c"]]
+    assert max(took) < 2.5, took
+
+
 def test_mixed_settings_share_a_batch(loaded: tuple[Any, Any]) -> None:
     """Greedy, seeded sampling and a stop string in one batch, each honoured."""
     model, tok = loaded

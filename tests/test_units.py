@@ -35,6 +35,11 @@ def test_bad_values_name_the_flag() -> None:
     off = WorkerSettings.from_values(config.resolve(OPTIONS, {"model": "m"}, {"TOKENRELAY_PREFIX_CACHE_TOKENS": "0"}))
     assert off.prefix_cache_tokens == 0
     assert WorkerSettings.from_values(config.resolve(OPTIONS, {"model": "m"}, {})).prefix_cache_tokens == 1024
+    assert WorkerSettings.from_values(config.resolve(OPTIONS, {"model": "m"}, {})).batch_wait_ms == 2.0
+    never = config.resolve(OPTIONS, {"model": "m"}, {"TOKENRELAY_BATCH_WAIT_MS": "0"})
+    assert WorkerSettings.from_values(never).batch_wait_ms == 0.0
+    with pytest.raises(config.ConfigError, match="TOKENRELAY_BATCH_WAIT_MS"):
+        config.resolve(OPTIONS, {}, {"TOKENRELAY_BATCH_WAIT_MS": "-1"})
 
 
 def test_cli_refuses_a_bad_value_in_one_line() -> None:

@@ -17,6 +17,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -99,6 +100,13 @@ class Engine:
         would pass it.
       prefix_cache_tokens: how many prompt tokens' KV to keep for prompts that start alike
         (worker/prefixcache.py), beside the budget above; 0: none.
+      batch_wait: seconds an idle engine, handed work after a spell of concurrent load, waits
+        for more before it prefills: until that long passes with nothing new, at most
+        ``GATHER_WAITS`` times over (Triton's ``max_queue_delay``, bounded by quiet). A burst that
+        reaches it over a few milliseconds (users whose previous answers ended together, as the
+        relay hands their requests over one by one) is then prefilled in one pass instead of a
+        small one that the rest waits behind. An engine that ran one request at a time never waits,
+        so a lone user pays nothing (its ``n`` choices count as one). 0: never wait.
       nice: how much lower the engine thread and its OpenMP workers run than the process's other
         threads (a Linux nice increment, 0-19; ignored elsewhere). With the model's threads on
         every core, the threads that move requests and tokens (this process's event loop, and
@@ -107,6 +115,7 @@ class Engine:
     """
 
     HOLE_STEPS = 16  # steps a hole may wait for an arrival before the batch is compacted
+    GATHER_WAITS = 5  # the longest an idle engine waits for a burst, in ``batch_wait``s
 
     def __init__(
         self,
@@ -117,6 +126,7 @@ class Engine:
         max_batch_size: int = 32,
         kv_cache_tokens: int = 65536,
         prefix_cache_tokens: int = 0,
+        batch_wait: float = 0.0,
         nice: int = 0,
     ) -> None:
         self.model = model
@@ -124,6 +134,7 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         self.max_batch_size = max_batch_size
         self.kv_cache_tokens = kv_cache_tokens
+        self.batch_wait = batch_wait
         self.nice = nice
         self.prefixes = PrefixCache(max_tokens=prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.device = next(model.parameters()).device
@@ -141,7 +152,13 @@ class Engine:
         # transformers passes none where no row is padded.
         self._mask_4d = self.device.type == "cpu" and _plain_sdpa(model.config)
         self.steps = 0
+        self.prefills = 0  # prefill passes since start (tests, diagnostics)
+        # The most requests running at once since the engine was last idle; and whether the busy
+        # spell before that ran several (``batch_wait``).
+        self._peak_requests = 0
+        self._was_concurrent = False
         self._team_busy = False  # this thread has run model work since it last released its team
+        self._taken = 0  # messages taken from the inbox (_gather)
 
     # ---- the asyncio side --------------------------------------------------------------
     def start(self) -> None:
@@ -257,7 +274,11 @@ class Engine:
                     # with the next step.
                     release_openmp_threads()
                     self._team_busy = False
+                if idle and self._peak_requests:
+                    self._was_concurrent, self._peak_requests = self._peak_requests > 1, 0
                 if not self._drain_inbox(block=idle):
+                    break
+                if idle and self._waiting and self._was_concurrent and self.batch_wait > 0 and not self._gather():
                     break
                 dead = {s.request.request_id for s in self._live() if s.request.dead}
                 if dead:
@@ -277,14 +298,29 @@ class Engine:
                     log.exception("engine step failed")
                     self._fail_all(EngineError(f"generation failed: {exc}"))
 
-    def _drain_inbox(self, block: bool) -> bool:
+    def _gather(self) -> bool:
+        """Take in arrivals until ``batch_wait`` passes without one (see the class doc); False
+        once told to stop."""
+        deadline = time.monotonic() + self.batch_wait * self.GATHER_WAITS
+        while (wait := min(self.batch_wait, deadline - time.monotonic())) > 0:
+            taken = self._taken
+            if not self._drain_inbox(block=True, timeout=wait):
+                return False
+            if self._taken == taken:
+                break
+        return True
+
+    def _drain_inbox(self, block: bool, timeout: float = 0.5) -> bool:
+        """Handle what the inbox holds, first waiting up to ``timeout`` for something when
+        ``block``; False once told to stop."""
         cancelled: set[str] = set()
         while True:
             try:
-                kind, payload = self._inbox.get(block=block, timeout=0.5 if block else None)
+                kind, payload = self._inbox.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 break
             block = False
+            self._taken += 1
             if kind == "stop":
                 self._fail_all(EngineError("engine stopped"))
                 return False
@@ -370,6 +406,8 @@ class Engine:
             length = new_length
         if admitted:
             self._prefill(admitted)
+            self.prefills += 1
+            self._peak_requests = max(self._peak_requests, len({id(s.request) for s in self._live()}))
         return bool(admitted)
 
     def _forward(

@@ -165,7 +165,8 @@ def run(settings: WorkerSettings) -> None:
     loaded = load(settings)
     engine = Engine(model=loaded.model, tokenizer=loaded.tokenizer, eos_token_ids=loaded.eos_token_ids,
                     max_batch_size=settings.max_batch_size, kv_cache_tokens=kv_budget_tokens(settings, loaded),
-                    prefix_cache_tokens=settings.prefix_cache_tokens, nice=settings.engine_nice)
+                    prefix_cache_tokens=settings.prefix_cache_tokens,
+                    batch_wait=settings.batch_wait_ms / 1000, nice=settings.engine_nice)
     engine.start()
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

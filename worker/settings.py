@@ -12,6 +12,7 @@ from tokenrelay import config
 from tokenrelay.config import Option
 
 ENGINE_NICE = 19  # the relay first: docs/benchmarks-notes.md, "Who gets a core" (both sessions)
+BATCH_WAIT_MS = 2.0  # a wave of 32 on 2 CPUs: docs/benchmarks-notes.md, "A burst in one prefill"
 PREFIX_CACHE_TOKENS = 1024  # SmolLM2: 46 KiB per token, so ~46 MiB (worker/prefixcache.py)
 DEFAULT_CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenrelay")
 
@@ -31,6 +32,10 @@ OPTIONS: list[Option] = [
            "increment; 0: the same): relaying requests and tokens then never waits behind the model "
            "for a core; the model takes whatever CPU nothing else on the machine wants"),
     Option("--max-batch-size", config.int_in(1, 4096), 32, "most sequences generated at once"),
+    Option("--batch-wait-ms", config.float_in(0.0, 1000.0), BATCH_WAIT_MS,
+           "after concurrent load, how long an idle engine waits for more requests before it prefills "
+           "(until this long passes with none new, at most 5 times over), so a burst is prefilled in "
+           "one pass; a lone user never waits; 0: never"),
     Option("--kv-cache-memory", config.float_in(0.01), 4.0, "KV cache budget in GiB"),
     Option("--kv-cache-tokens", config.int_in(0), 0, "KV cache budget in tokens (0: from --kv-cache-memory)"),
     Option("--prefix-cache-tokens", config.int_in(0), PREFIX_CACHE_TOKENS,
@@ -68,6 +73,7 @@ class WorkerSettings:
     device_map: str
     dtype: str
     max_batch_size: int
+    batch_wait_ms: float
     kv_cache_memory: float
     kv_cache_tokens: int
     prefix_cache_tokens: int
