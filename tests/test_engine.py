@@ -311,6 +311,30 @@ def test_after_concurrent_load_an_idle_engine_prefills_a_burst_in_one_pass(
     assert sorted(map(sorted, passes)) == [["a", "b"], ["c", "d"]]
 
 
+def test_a_burst_that_fills_the_batch_is_prefilled_without_waiting(
+    loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tok = loaded
+    passes = _traced_prefills(monkeypatch)
+    # A wait this long would show below; two rows leave no room for a third.
+    engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id}, max_batch_size=2, batch_wait=5.0)
+    engine.start()
+
+    async def scenario() -> float:
+        await asyncio.gather(_tokens(engine, "a"), _tokens(engine, "b"))
+        await asyncio.sleep(0.02)  # idle
+        start = time.monotonic()
+        await asyncio.gather(_tokens(engine, "c"), _tokens(engine, "d"))
+        return time.monotonic() - start
+
+    try:
+        took = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        engine.stop()
+    assert sorted(map(sorted, passes)) == [["a", "b"], ["c", "d"]]
+    assert took < 2.5, took
+
+
 def test_an_engine_that_ran_one_request_at_a_time_does_not_wait(
     loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

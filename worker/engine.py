@@ -101,12 +101,13 @@ class Engine:
       prefix_cache_tokens: how many prompt tokens' KV to keep for prompts that start alike
         (worker/prefixcache.py), beside the budget above; 0: none.
       batch_wait: seconds an idle engine, handed work after a spell of concurrent load, waits
-        for more before it prefills: until that long passes with nothing new, at most
-        ``GATHER_WAITS`` times over (Triton's ``max_queue_delay``, bounded by quiet). A burst that
-        reaches it over a few milliseconds (users whose previous answers ended together, as the
-        relay hands their requests over one by one) is then prefilled in one pass instead of a
-        small one that the rest waits behind. An engine that ran one request at a time never waits,
-        so a lone user pays nothing (its ``n`` choices count as one). 0: never wait.
+        for more before it prefills: until that long passes with nothing new, or the waiting
+        sequences fill ``max_batch_size``, and at most ``GATHER_WAITS`` times that in all (like
+        Triton's ``max_queue_delay``, but ended by a quiet spell). A burst that reaches it over a
+        few milliseconds (users whose previous answers ended together, as the relay hands their
+        requests over one by one) is then prefilled in one pass instead of a small one that the
+        rest waits behind. An engine that ran one request at a time never waits, so a lone user
+        pays nothing (its ``n`` choices count as one). 0: never wait.
       nice: how much lower the engine thread and its OpenMP workers run than the process's other
         threads (a Linux nice increment, 0-19; ignored elsewhere). With the model's threads on
         every core, the threads that move requests and tokens (this process's event loop, and
@@ -303,6 +304,8 @@ class Engine:
         once told to stop."""
         deadline = time.monotonic() + self.batch_wait * self.GATHER_WAITS
         while (wait := min(self.batch_wait, deadline - time.monotonic())) > 0:
+            if len(self._waiting) >= self.max_batch_size:
+                break  # its rows are all spoken for: nothing more could join this prefill
             taken = self._taken
             if not self._drain_inbox(block=True, timeout=wait):
                 return False

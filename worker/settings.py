@@ -34,8 +34,8 @@ OPTIONS: list[Option] = [
     Option("--max-batch-size", config.int_in(1, 4096), 32, "most sequences generated at once"),
     Option("--batch-wait-ms", config.float_in(0.0, 1000.0), BATCH_WAIT_MS,
            "after concurrent load, how long an idle engine waits for more requests before it prefills "
-           "(until this long passes with none new, at most 5 times over), so a burst is prefilled in "
-           "one pass; a lone user never waits; 0: never"),
+           "(until this long passes with none new or they fill --max-batch-size, at most 5 times over), "
+           "so a burst is prefilled in one pass; a lone user never waits; 0: never"),
     Option("--kv-cache-memory", config.float_in(0.01), 4.0, "KV cache budget in GiB"),
     Option("--kv-cache-tokens", config.int_in(0), 0, "KV cache budget in tokens (0: from --kv-cache-memory)"),
     Option("--prefix-cache-tokens", config.int_in(0), PREFIX_CACHE_TOKENS,
