@@ -153,7 +153,6 @@ class Engine:
         # transformers passes none where no row is padded.
         self._mask_4d = self.device.type == "cpu" and _plain_sdpa(model.config)
         self.steps = 0
-        self.prefills = 0  # prefill passes since start (tests, diagnostics)
         # The most requests running at once since the engine was last idle; and whether the busy
         # spell before that ran several (``batch_wait``).
         self._peak_requests = 0
@@ -409,7 +408,6 @@ class Engine:
             length = new_length
         if admitted:
             self._prefill(admitted)
-            self.prefills += 1
             self._peak_requests = max(self._peak_requests, len({id(s.request) for s in self._live()}))
         return bool(admitted)
 

@@ -12,7 +12,7 @@ from tokenrelay import config
 from tokenrelay.config import Option
 
 ENGINE_NICE = 19  # the relay first: docs/benchmarks-notes.md, "Who gets a core" (both sessions)
-BATCH_WAIT_MS = 2.0  # a wave of 32 on 2 CPUs: docs/benchmarks-notes.md, "A burst in one prefill"
+BATCH_WAIT_MS = 2.0  # a wave of 32 on 2 CPUs: docs/benchmarks-notes.md, "Built: `--batch-wait-ms`"
 PREFIX_CACHE_TOKENS = 1024  # SmolLM2: 46 KiB per token, so ~46 MiB (worker/prefixcache.py)
 DEFAULT_CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenrelay")
 
