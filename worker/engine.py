@@ -158,7 +158,6 @@ class Engine:
         self._peak_requests = 0
         self._was_concurrent = False
         self._team_busy = False  # this thread has run model work since it last released its team
-        self._taken = 0  # messages taken from the inbox (_gather)
 
     # ---- the asyncio side --------------------------------------------------------------
     def start(self) -> None:
@@ -305,11 +304,11 @@ class Engine:
         while (wait := min(self.batch_wait, deadline - time.monotonic())) > 0:
             if len(self._waiting) >= self.max_batch_size:
                 break  # its rows are all spoken for: nothing more could join this prefill
-            taken = self._taken
+            before = len(self._waiting)
             if not self._drain_inbox(block=True, timeout=wait):
                 return False
-            if self._taken == taken:
-                break
+            if len(self._waiting) <= before:
+                break  # a quiet spell (or only cancels)
         return True
 
     def _drain_inbox(self, block: bool, timeout: float = 0.5) -> bool:
@@ -322,7 +321,6 @@ class Engine:
             except queue.Empty:
                 break
             block = False
-            self._taken += 1
             if kind == "stop":
                 self._fail_all(EngineError("engine stopped"))
                 return False
