@@ -7,6 +7,7 @@ import logging
 import uvicorn
 
 from gateway.app import create_app
+from gateway.protocol import HttpProtocol
 from gateway.settings import GatewaySettings
 
 # Open streams get this long to finish on shutdown; then they are cancelled, which publishes a
@@ -21,7 +22,8 @@ def run(settings: GatewaySettings) -> None:
         host=settings.host,
         port=settings.port,
         log_config=None,  # use the root logger set up above: one format for every line
-        access_log=settings.access_log,
+        access_log=False,  # the app writes its own (gateway/accesslog.py)
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="on",
+        http=HttpProtocol,
     )

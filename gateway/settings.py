@@ -41,7 +41,7 @@ OPTIONS: list[Option] = [
         "--access-log",
         config.parse_bool,
         True,
-        "one log line per request (on/off); off where a proxy in front logs them",
+        "one log line per request as it ends (on/off); off where a proxy in front logs them",
     ),
 ]
 
