@@ -51,14 +51,20 @@ class Recorder(asyncio.Transport):
         pass
 
 
-async def _serve(app: Any, requests: bytes, responses: int = 1) -> list[bytes]:
-    """Feed ``requests`` to one connection and return its writes once ``responses`` ended."""
+def _connect(app: Any, requests: bytes) -> tuple[HttpProtocol, Recorder]:
+    """A connection of ``app``'s that has received ``requests``."""
     config = Config(app=app, http=HttpProtocol, log_level="warning", lifespan="off")
     config.load()
     protocol = HttpProtocol(config=config, server_state=ServerState(), app_state={})
     transport = Recorder()
     protocol.connection_made(transport)
     protocol.data_received(requests)
+    return protocol, transport
+
+
+async def _serve(app: Any, requests: bytes, responses: int = 1) -> list[bytes]:
+    """Feed ``requests`` to one connection and return its writes once ``responses`` ended."""
+    protocol, transport = _connect(app, requests)
     for _ in range(500):
         if b"".join(transport.writes).count(b"HTTP/1.1 ") >= responses and not protocol.tasks:
             break
@@ -107,12 +113,7 @@ def test_a_head_with_no_body_yet_goes_out_at_the_end_of_its_turn() -> None:
         await send({"type": "http.response.body", "body": b"late"})
 
     async def run() -> tuple[list[bytes], float]:
-        config = Config(app=app, http=HttpProtocol, log_level="warning", lifespan="off")
-        config.load()
-        protocol = HttpProtocol(config=config, server_state=ServerState(), app_state={})
-        transport = Recorder()
-        protocol.connection_made(transport)
-        protocol.data_received(GET)
+        protocol, transport = _connect(app, GET)
         while not transport.writes:
             await asyncio.sleep(0.001)
         head_at = time.monotonic()
