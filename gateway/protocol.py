@@ -12,6 +12,7 @@ client per request on the head alone, in the time the other requests' first toke
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -50,6 +51,13 @@ class HeadWithBody:
             self._loop.call_soon(self.flush)
         else:
             self._transport.write(data)
+
+    def writelines(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.write(b"".join(chunks))
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
 
     def flush(self) -> None:
         held = self._held

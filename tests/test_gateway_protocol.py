@@ -30,6 +30,7 @@ class Recorder(asyncio.Transport):
         super().__init__()
         self.writes: list[bytes] = []
         self.closed = False
+        self.eof = False
 
     def write(self, data: Any) -> None:
         assert not self.closed, "a write after close"
@@ -37,6 +38,9 @@ class Recorder(asyncio.Transport):
 
     def close(self) -> None:
         self.closed = True
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def is_closing(self) -> bool:
         return self.closed
@@ -134,23 +138,29 @@ def test_each_response_on_a_kept_alive_connection_gets_its_head_joined() -> None
     assert all(w.startswith(b"HTTP/1.1 200 OK\r\n") and w.endswith(b'\r\n\r\n{"ok": true}') for w in writes)
 
 
-def test_held_bytes_go_out_before_a_close_and_not_after() -> None:
-    async def run() -> tuple[Recorder, Recorder]:
+def test_held_bytes_keep_their_order_and_go_out_before_a_close_and_not_after() -> None:
+    async def run() -> tuple[Recorder, Recorder, Recorder]:
         loop = asyncio.get_running_loop()
-        first, second = Recorder(), Recorder()
+        first, second, third = Recorder(), Recorder(), Recorder()
         held = HeadWithBody(first, loop)
         held.write(b"head")
         held.close()
         await asyncio.sleep(0)  # the end-of-turn flush finds nothing, and writes nothing to a closed socket
+        joined = HeadWithBody(third, loop)  # every way of writing keeps the order
+        joined.write(b"head ")
+        joined.writelines([b"body", b" more"])
+        joined.write(b" end")
+        joined.write_eof()
         gone = HeadWithBody(second, loop)
         gone.write(b"head")
         second.close()  # the peer left: what was held is dropped, not written to a closed transport
         await asyncio.sleep(0)
-        return first, second
+        return first, second, third
 
-    first, second = asyncio.run(run())
+    first, second, third = asyncio.run(run())
     assert first.writes == [b"head"] and first.closed
     assert second.writes == []
+    assert third.writes == [b"head body more", b" end"] and third.eof
 
 
 # ---- the access log ---------------------------------------------------------------------------
