@@ -43,11 +43,10 @@ class AccessLog:
         if not self._logger.isEnabledFor(logging.INFO):
             return
         client = scope.get("client")
-        host, port = client if client else ("-", 0)
         path = scope.get("raw_path") or scope.get("path", "").encode()
         query = scope.get("query_string", b"")
         self._pending.append((time.time(), (
-            f"{host}:{port}" if client else "-",
+            f"{client[0]}:{client[1]}" if client else "-",
             scope.get("method", "-"),
             (path + b"?" + query if query else path).decode("latin-1"),
             scope.get("http_version", "1.1"),
