@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from gateway.app import create_app
 from gateway.protocol import HttpProtocol
 from gateway.settings import GatewaySettings
+from gateway.supervisor import Supervisor
 
 # Open streams get this long to finish on shutdown; then they are cancelled, which publishes a
 # cancel for each, so workers stop generating for clients that are gone.
@@ -17,7 +21,9 @@ GRACEFUL_SHUTDOWN_S = 5
 
 def run(settings: GatewaySettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
+    if settings.processes > 1:
+        sys.exit(Supervisor(settings=settings).run())
+    server = uvicorn.Server(uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -26,4 +32,28 @@ def run(settings: GatewaySettings) -> None:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="on",
         http=HttpProtocol,
-    )
+    ))
+    sockets = None
+    if settings.reuse_port:
+        try:
+            sockets = [_listen(settings)]
+        except OSError as exc:  # as uvicorn says it when it binds
+            logging.getLogger("uvicorn.error").error("could not bind %s:%d: %s", settings.host, settings.port, exc)
+            sys.exit(STARTUP_FAILURE)
+    server.run(sockets=sockets)
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+def _listen(settings: GatewaySettings) -> socket.socket:
+    """The listening socket, bound with SO_REUSEPORT (uvicorn's own binding has no such option)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((settings.host, settings.port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -14,6 +14,18 @@ OPTIONS: list[Option] = [
     Option("--host", config.text, "127.0.0.1", "address to listen on"),
     Option("--port", config.int_in(1, 65535), 8000, "port to listen on"),
     Option(
+        "--processes",
+        config.int_in(1, 64),
+        1,
+        "gateway processes to run, sharing the port (each with its own event loop; one that dies is restarted)",
+    ),
+    Option(
+        "--reuse-port",
+        config.parse_bool,
+        False,
+        "bind with SO_REUSEPORT (Linux), so that gateways started apart share the port (on/off)",
+    ),
+    Option(
         "--queue-timeout",
         config.float_in(0.1),
         60.0,
@@ -51,6 +63,8 @@ class GatewaySettings:
     redis_url: str = config.REDIS_URL.default
     host: str = "127.0.0.1"
     port: int = 8000
+    processes: int = 1
+    reuse_port: bool = False
     queue_timeout: float = 60.0
     stream_keepalive: float = 15.0
     max_queue_length: int = 1000
@@ -64,6 +78,8 @@ class GatewaySettings:
             redis_url=str(values["redis_url"]),
             host=str(values["host"]),
             port=int(values["port"]),
+            processes=int(values["processes"]),
+            reuse_port=bool(values["reuse_port"]),
             queue_timeout=float(values["queue_timeout"]),
             stream_keepalive=float(values["stream_keepalive"]),
             max_queue_length=int(values["max_queue_length"]),
@@ -75,3 +91,11 @@ class GatewaySettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
         """Variables and defaults only; raises ``config.ConfigError`` on a bad value."""
         return cls.from_values(config.resolve(OPTIONS, {}, environ))
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as the variables ``from_env`` reads back, for processes started afresh."""
+        env = {}
+        for option in OPTIONS:
+            value = getattr(self, option.dest)
+            env[option.env_name] = ("on" if value else "off") if isinstance(value, bool) else str(value)
+        return env

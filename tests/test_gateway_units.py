@@ -31,8 +31,19 @@ def test_settings_from_flags_env_and_defaults() -> None:
     assert GatewaySettings.from_env({"TOKENRELAY_ACCESS_LOG": "0"}).access_log is False
 
 
+def test_settings_come_back_whole_from_the_variables_they_give() -> None:
+    """``--processes`` hands its settings to each process it starts as variables."""
+    settings = GatewaySettings(redis_url="redis://r:1/2", host="::1", port=9001, processes=3, reuse_port=True,
+                               queue_timeout=0.25, stream_keepalive=7.5, max_queue_length=0,
+                               max_request_bytes=4096, access_log=False)
+    assert GatewaySettings.from_env(settings.to_env()) == settings
+    assert GatewaySettings.from_env(GatewaySettings().to_env()) == GatewaySettings()
+
+
 @pytest.mark.parametrize(("env", "flag"), [
     ({"TOKENRELAY_PORT": "0"}, "--port"),
+    ({"TOKENRELAY_PROCESSES": "0"}, "--processes"),
+    ({"TOKENRELAY_REUSE_PORT": "maybe"}, "--reuse-port"),
     ({"TOKENRELAY_QUEUE_TIMEOUT": "0"}, "--queue-timeout"),
     ({"TOKENRELAY_STREAM_KEEPALIVE": "soon"}, "--stream-keepalive"),
     ({"TOKENRELAY_MAX_REQUEST_BYTES": "-1"}, "--max-request-bytes"),

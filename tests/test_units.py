@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from typing import Any
@@ -327,6 +328,19 @@ def test_up_takes_and_forwards_every_worker_flag() -> None:
     # Every worker setting that has a value reaches the worker.
     given = {o.flag for o in OPTIONS if values.get(o.dest) is not None} - {"--redis-url"}
     assert given <= set(argv) and "--cpu-linear" in given
+
+
+def test_up_starts_one_gateway_process_per_cpu_unless_told() -> None:
+    from tokenrelay.launcher import AUTO_GATEWAY_PROCESSES, UP_OPTIONS, gateway_processes
+
+    assert gateway_processes(config.resolve(UP_OPTIONS, {"gateway_processes": "3"}, {})) == 3
+    auto = gateway_processes(config.resolve(UP_OPTIONS, {}, {}))
+    if sys.platform.startswith("linux"):
+        assert auto == min(len(os.sched_getaffinity(0)), AUTO_GATEWAY_PROCESSES)
+    else:
+        assert auto == 1
+    with pytest.raises(config.ConfigError, match="--gateway-processes"):
+        config.resolve(UP_OPTIONS, {"gateway_processes": "-1"}, {})
 
 
 def test_encode_gives_the_ids_the_tokenizer_call_gives(tiny_model: object) -> None:

@@ -20,6 +20,7 @@ from tokenrelay import config, wire
 from tokenrelay.config import Option
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+AUTO_GATEWAY_PROCESSES = 4  # the most ``--gateway-processes 0`` starts
 
 def _worker_options() -> list[Option]:
     """Every worker flag but the Redis URL (``up``'s own, passed on in the environment): ``up``
@@ -35,11 +36,25 @@ def _up_options() -> list[Option]:
         Option("--workers", config.int_in(1, 64), 1, "worker processes to start"),
         Option("--host", config.text, "127.0.0.1", "gateway address"),
         Option("--port", config.int_in(1, 65535), 8000, "gateway port"),
+        Option("--gateway-processes", config.int_in(0, 64), 0,
+               f"gateway processes sharing the port (0: one per CPU, at most {AUTO_GATEWAY_PROCESSES})"),
         *_worker_options(),
     ]
 
 
 UP_OPTIONS = _up_options()
+
+
+def gateway_processes(values: dict[str, Any]) -> int:
+    """``--gateway-processes``, with 0 resolved: one gateway process per CPU, up to a few. Under a
+    burst of requests one process parses them one at a time while the other CPUs wait; more
+    than a few only add Redis connections and memory (docs/benchmarks-notes.md)."""
+    given = int(values["gateway_processes"])
+    if given:
+        return given
+    if sys.platform != "linux":  # --processes needs SO_REUSEPORT's spreading (gateway/supervisor.py)
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), AUTO_GATEWAY_PROCESSES))
 
 
 def worker_argv(values: dict[str, Any], served: str) -> list[str]:
@@ -141,7 +156,8 @@ def up(values: dict[str, Any]) -> None:
         url = _start_redis(values["redis_url"], procs)
         env = {**os.environ, "REDIS_URL": url}
         gateway = subprocess.Popen([sys.executable, "-m", "tokenrelay.cli", "gateway", "--host", values["host"],
-                                    "--port", str(values["port"])], env=env)
+                                    "--port", str(values["port"]), "--processes", str(gateway_processes(values))],
+                                   env=env)
         procs.append(gateway)
         worker_args = worker_argv(values, served)
         print(f"tokenrelay: loading {served} in {values['workers']} worker(s)...", flush=True)
