@@ -335,6 +335,32 @@ def test_a_burst_that_fills_the_batch_is_prefilled_without_waiting(
     assert took < 2.5, took
 
 
+def test_a_burst_as_large_as_the_spell_before_is_prefilled_without_waiting(
+    loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a closed loop the users whose answers ended together come back together: once as
+    many wait as ran at once before, no quiet spell is waited for."""
+    model, tok = loaded
+    passes = _traced_prefills(monkeypatch)
+    # A wait this long would show below; the batch has room for more than the burst.
+    engine = Engine(model=model, tokenizer=tok, eos_token_ids={tok.eos_token_id}, max_batch_size=8, batch_wait=5.0)
+    engine.start()
+
+    async def scenario() -> float:
+        await asyncio.gather(_tokens(engine, "a"), _tokens(engine, "b"), _tokens(engine, "c"))
+        await asyncio.sleep(0.02)  # idle
+        start = time.monotonic()
+        await asyncio.gather(_tokens(engine, "d"), _tokens(engine, "e"), _tokens(engine, "f"))
+        return time.monotonic() - start
+
+    try:
+        took = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        engine.stop()
+    assert sorted(map(sorted, passes)) == [["a", "b", "c"], ["d", "e", "f"]]
+    assert took < 2.5, took
+
+
 def test_an_engine_that_ran_one_request_at_a_time_does_not_wait(
     loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

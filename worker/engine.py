@@ -106,8 +106,9 @@ class Engine:
         Triton's ``max_queue_delay``, but ended by a quiet spell). A burst that reaches it over a
         few milliseconds (users whose previous answers ended together, as the relay hands their
         requests over one by one) is then prefilled in one pass instead of a small one that the
-        rest waits behind. An engine that ran one request at a time never waits, so a lone user
-        pays nothing (its ``n`` choices count as one). 0: never wait.
+        rest waits behind. The wait also ends once as many requests wait as ran at once in the
+        spell before (those users are back). An engine that ran one request at a time never
+        waits, so a lone user pays nothing (its ``n`` choices count as one). 0: never wait.
       nice: how much lower the engine thread and its OpenMP workers run than the process's other
         threads (a Linux nice increment, 0-19; ignored elsewhere). With the model's threads on
         every core, the threads that move requests and tokens (this process's event loop, and
@@ -156,6 +157,7 @@ class Engine:
         # The most requests running at once since the engine was last idle; and whether the busy
         # spell before that ran several (``batch_wait``).
         self._peak_requests = 0
+        self._last_peak = 0
         self._was_concurrent = False
         self._team_busy = False  # this thread has run model work since it last released its team
 
@@ -274,7 +276,8 @@ class Engine:
                     release_openmp_threads()
                     self._team_busy = False
                 if idle and self._peak_requests:
-                    self._was_concurrent, self._peak_requests = self._peak_requests > 1, 0
+                    self._last_peak, self._peak_requests = self._peak_requests, 0
+                    self._was_concurrent = self._last_peak > 1
                 if not self._drain_inbox(block=idle):
                     break
                 if idle and self._waiting and self._was_concurrent and self.batch_wait > 0 and not self._gather():
@@ -304,6 +307,11 @@ class Engine:
         while (wait := min(self.batch_wait, deadline - time.monotonic())) > 0:
             if len(self._waiting) >= self.max_batch_size:
                 break  # its rows are all spoken for: nothing more could join this prefill
+            if len({id(s.request) for s in self._waiting}) >= self._last_peak:
+                # As many as ran together in the spell before: users whose answers ended
+                # together are back, and waiting for a quiet spell would only hold them
+                # (2-3.5 ms a wave with both CPUs idle, docs/benchmarks-notes.md).
+                break
             before = len(self._waiting)
             if not self._drain_inbox(block=True, timeout=wait):
                 return False
