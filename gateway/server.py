@@ -13,6 +13,7 @@ from gateway.app import create_app
 from gateway.protocol import HttpProtocol
 from gateway.settings import GatewaySettings
 from gateway.supervisor import Supervisor
+from tokenrelay.config import ConfigError
 
 # Open streams get this long to finish on shutdown; then they are cancelled, which publishes a
 # cancel for each, so workers stop generating for clients that are gone.
@@ -35,6 +36,8 @@ def run(settings: GatewaySettings) -> None:
     ))
     sockets = None
     if settings.reuse_port:
+        if not hasattr(socket, "SO_REUSEPORT"):
+            raise ConfigError("--reuse-port: this system has no SO_REUSEPORT")
         try:
             sockets = [_listen(settings)]
         except OSError as exc:  # as uvicorn says it when it binds

@@ -17,7 +17,7 @@ OPTIONS: list[Option] = [
         "--processes",
         config.int_in(1, 64),
         1,
-        "gateway processes to run, sharing the port (each with its own event loop; one that dies is restarted)",
+        "gateway processes to run, sharing the port (Linux; each with its own event loop; one that dies is restarted)",
     ),
     Option(
         "--reuse-port",

@@ -27,6 +27,7 @@ from dataclasses import replace
 from types import FrameType
 
 from gateway.settings import GatewaySettings
+from tokenrelay.config import ConfigError
 
 log = logging.getLogger("tokenrelay.gateway")
 
@@ -54,8 +55,10 @@ class Supervisor:
 
     def __init__(self, *, settings: GatewaySettings, argv: list[str] | None = None) -> None:
         if sys.platform != "linux" and settings.processes > 1:
-            raise OSError("--processes needs Linux's SO_REUSEPORT, which spreads connections across processes")
+            raise ConfigError("--processes: more than 1 needs Linux, whose SO_REUSEPORT spreads connections "
+                              "across the processes")
         self.count = settings.processes
+        self._address = f"http://{settings.host}:{settings.port}"
         one = replace(settings, processes=1, reuse_port=True)
         self._env = {**os.environ, **one.to_env()}
         self._argv = argv or [sys.executable, "-m", "tokenrelay.cli", "gateway"]
@@ -69,7 +72,8 @@ class Supervisor:
         quick_exits = [0] * self.count  # in a row, per process slot
         try:
             self._procs = [self._start() for _ in range(self.count)]
-            log.info("started %d gateway processes: %s", self.count, " ".join(str(p.pid) for p, _ in self._procs))
+            log.info("serving %s with %d gateway processes: %s", self._address, self.count,
+                     " ".join(str(p.pid) for p, _ in self._procs))
             while not self._stopping:
                 time.sleep(POLL_S)
                 for i, (proc, started) in enumerate(self._procs):

@@ -4,8 +4,13 @@ sent in pieces as small as one byte, so every parser state is entered with parti
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +124,27 @@ def test_a_line_handler_error_ends_the_request() -> None:
                 await conn.post_json("/x", {}, on_line)
 
     asyncio.run(go())
+
+
+def test_waves_prints_each_wave_of_each_rep_and_their_mean() -> None:
+    """``bench.waves`` on a real ``tokenrelay up``: every wave's spread, every rep's p50 / p99,
+    and their means."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_") and k != "REDIS_URL"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.waves", "--reps", "2", "--users", "3", "--requests-per-user", "2",
+         "--max-tokens", "4"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reps = re.findall(r"^w0: (\d+)/(\d+)/(\d+) \| w1: (\d+)/(\d+)/(\d+) \|\| p50 ([\d.]+) p99 ([\d.]+)$",
+                      done.stdout, re.MULTILINE)
+    assert len(reps) == 2, done.stdout
+    for rep in reps:
+        w0, w1 = [int(x) for x in rep[:3]], [int(x) for x in rep[3:6]]
+        assert 0 < w0[0] <= w0[1] <= w0[2] and 0 < w1[0] <= w1[1] <= w1[2]
+        # The waves print whole milliseconds, the percentiles tenths.
+        assert min(w0[0], w1[0]) - 1 <= float(rep[6]) <= float(rep[7]) <= max(w0[2], w1[2]) + 1
+    mean = re.search(r"^mean of 2 reps: p50 ([\d.]+) ms, p99 ([\d.]+) ms$", done.stdout, re.MULTILINE)
+    assert mean is not None, done.stdout
+    assert abs(float(mean.group(1)) - (float(reps[0][6]) + float(reps[1][6])) / 2) < 0.11
