@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 LABELS = {
-    "tokenrelay": "tokenrelay (`tokenrelay up`: gateway + Redis/arq + worker)",
+    "tokenrelay": "tokenrelay (`tokenrelay up`: gateway processes, one per CPU up to 4, + Redis/arq + worker)",
     "engine": "engine alone (in-process `worker.engine.Engine`)",
     "plain_generate": "plain `model.generate`, static batch of B = users",
     "transformers_serve": "`transformers serve --continuous-batching`",
