@@ -92,7 +92,11 @@ class Supervisor:
             self._stop_all()
 
     def _start(self) -> tuple[subprocess.Popen[bytes], float]:
-        return subprocess.Popen(self._argv, env=self._env, preexec_fn=_end_with_parent), time.monotonic()
+        # Its own process group: a terminal's Ctrl-C reaches the supervisor alone, which passes on
+        # one SIGTERM however often it is pressed (a second SIGINT makes uvicorn skip the app's
+        # shutdown, which cancels the generations of the streams it cut).
+        proc = subprocess.Popen(self._argv, env=self._env, preexec_fn=_end_with_parent, process_group=0)
+        return proc, time.monotonic()
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True

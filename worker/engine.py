@@ -158,7 +158,6 @@ class Engine:
         # spell before that ran several (``batch_wait``).
         self._peak_requests = 0
         self._last_peak = 0
-        self._was_concurrent = False
         self._team_busy = False  # this thread has run model work since it last released its team
 
     # ---- the asyncio side --------------------------------------------------------------
@@ -277,10 +276,9 @@ class Engine:
                     self._team_busy = False
                 if idle and self._peak_requests:
                     self._last_peak, self._peak_requests = self._peak_requests, 0
-                    self._was_concurrent = self._last_peak > 1
                 if not self._drain_inbox(block=idle):
                     break
-                if idle and self._waiting and self._was_concurrent and self.batch_wait > 0 and not self._gather():
+                if idle and self._waiting and self._last_peak > 1 and self.batch_wait > 0 and not self._gather():
                     break
                 dead = {s.request.request_id for s in self._live() if s.request.dead}
                 if dead:
