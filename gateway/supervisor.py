@@ -5,8 +5,9 @@ CPUs a single process becomes the gateway's limit: under a burst of requests it 
 by one while other CPUs wait (docs/benchmarks-notes.md). Each process binds the port with
 ``SO_REUSEPORT``, and Linux spreads new connections across them by their addresses' hash.
 uvicorn's own ``--workers`` shares one listening socket instead, and the first process to wake
-takes every connection of a burst (34 of 37 in one measured wave): connections are kept alive,
-so the other processes stayed idle for as long as those clients stayed.
+takes every connection of a burst (in one measured load, one process held 34 connections and
+the other 3): connections are kept alive, so the others stayed idle for as long as those clients
+stayed.
 
 The supervisor restarts a process that dies (a gateway holds no state that a restart loses:
 its open streams end with it, their clients see the connection close). When the processes of
