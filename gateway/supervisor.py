@@ -50,11 +50,10 @@ def _end_with_parent() -> None:
 class Supervisor:
     """Starts ``settings.processes`` gateways with these settings and keeps them running.
 
-    Keyword-only arguments: settings (those the processes get, as variables), argv (the command
-    that starts one; default: this interpreter running ``tokenrelay.cli gateway``).
+    Keyword-only argument: settings (those the processes get, as variables).
     """
 
-    def __init__(self, *, settings: GatewaySettings, argv: list[str] | None = None) -> None:
+    def __init__(self, *, settings: GatewaySettings) -> None:
         if sys.platform != "linux" and settings.processes > 1:
             raise ConfigError("--processes: more than 1 needs Linux, whose SO_REUSEPORT spreads connections "
                               "across the processes")
@@ -62,7 +61,7 @@ class Supervisor:
         self._address = f"http://{settings.host}:{settings.port}"
         one = replace(settings, processes=1, reuse_port=True)
         self._env = {**os.environ, **one.to_env()}
-        self._argv = argv or [sys.executable, "-m", "tokenrelay.cli", "gateway"]
+        self._argv = [sys.executable, "-m", "tokenrelay.cli", "gateway"]
         self._procs: list[tuple[subprocess.Popen[bytes], float]] = []
         self._stopping = False
 
@@ -72,7 +71,8 @@ class Supervisor:
             signal.signal(sig, self._stop)
         quick_exits = [0] * self.count  # in a row, per process slot
         try:
-            self._procs = [self._start() for _ in range(self.count)]
+            for _ in range(self.count):  # one by one: a failed start still stops those started
+                self._procs.append(self._start())
             log.info("serving %s with %d gateway processes: %s", self._address, self.count,
                      " ".join(str(p.pid) for p, _ in self._procs))
             while not self._stopping:

@@ -154,8 +154,8 @@ class Engine:
         # transformers passes none where no row is padded.
         self._mask_4d = self.device.type == "cpu" and _plain_sdpa(model.config)
         self.steps = 0
-        # The most requests running at once since the engine was last idle; and whether the busy
-        # spell before that ran several (``batch_wait``).
+        # The most requests running at once since the engine was last idle, and in the busy
+        # spell before that (``batch_wait``: more than one, and how many).
         self._peak_requests = 0
         self._last_peak = 0
         self._team_busy = False  # this thread has run model work since it last released its team
